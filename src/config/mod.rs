@@ -1,0 +1,60 @@
+//! Configuration: reading the YAML file, validating it into the model the gateway runs on,
+//! and reporting every problem with file, field path and (for syntax errors) line and column.
+//!
+//! Parts: [`raw`] (serde wire structs), [`model`] (validated model), [`error`].
+
+pub mod error;
+pub mod model;
+pub mod raw;
+
+pub use error::{ConfigError, Problem};
+pub use model::Config;
+
+use std::path::Path;
+
+/// Parses and validates YAML text; `file` names the source in messages.
+pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    let raw: raw::RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
+        file: file.to_string(),
+        problems: vec![yaml_problem(&e)],
+    })?;
+    model::build(raw).map_err(|problems| ConfigError::Invalid {
+        file: file.to_string(),
+        problems,
+    })
+}
+
+/// Reads, parses and validates a file. `TOLLGATE_ADMIN_TOKEN`, when set, replaces `admin.token`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: file.clone(),
+        source,
+    })?;
+    let mut config = parse(&text, &file)?;
+    apply_env(&mut config);
+    Ok(config)
+}
+
+/// Environment overrides that apply to every loaded config.
+pub fn apply_env(config: &mut Config) {
+    if let Ok(token) = std::env::var("TOLLGATE_ADMIN_TOKEN") {
+        if !token.is_empty() {
+            config.admin.token = Some(token);
+        }
+    }
+}
+
+fn yaml_problem(e: &serde_yaml_ng::Error) -> Problem {
+    let text = e.to_string();
+    // serde_yaml_ng appends " at line L column C"; the location is reported separately.
+    let message = match text.find(" at line ") {
+        Some(i) => text[..i].to_string(),
+        None => text.clone(),
+    };
+    Problem {
+        path: String::new(),
+        message,
+        location: e.location().map(|l| (l.line(), l.column())),
+    }
+}

@@ -1,0 +1,600 @@
+//! The validated config model: what the gateway runs on. Built from the wire structs by
+//! [`build`], which reports every problem it finds, each with its field path.
+
+use super::error::Problem;
+use super::raw::*;
+use crate::keys::{self, KeyPart, KeySpec};
+use crate::limiter::{Limit, OnMissingKey, Policy, Rate};
+use crate::routes::{HeaderFlags, HostMatch, PathMatch, Route, RouteMatch, Router};
+use crate::upstream::Upstream;
+use ipnet::IpNet;
+use regex::Regex;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+pub const DEFAULT_MAX_BUCKETS: u64 = 1_000_000;
+
+/// A loaded, validated config: one generation of what the gateway runs.
+#[derive(Debug)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub breaker: BreakerConfig,
+    pub client_ip: ClientIpConfig,
+    pub server: ServerSettings,
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    pub router: Router,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKindConfig {
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    Standalone,
+    Cluster,
+    Sentinel,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    pub mode: RedisMode,
+    pub urls: Vec<String>,
+    pub service_name: Option<String>,
+    pub timeout: Duration,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub kind: StoreKindConfig,
+    pub redis: RedisConfig,
+    pub max_buckets: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    Local,
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    pub failure_threshold: u32,
+    pub open: Duration,
+    pub fallback: Fallback,
+    pub fallback_instances: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientIpConfig {
+    pub trusted_proxies: Vec<IpNet>,
+    pub ipv6_prefix: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Worker threads of the proxy (0 = one per core).
+    pub threads: usize,
+    /// How long SIGTERM waits for in-flight requests.
+    pub drain_timeout: Duration,
+}
+
+/// Collects problems while building.
+#[derive(Default)]
+struct Check {
+    problems: Vec<Problem>,
+}
+
+impl Check {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem::at(path, message));
+    }
+}
+
+/// Names of routes, limits and upstreams appear in bucket keys and metric labels.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+const NAME_RULE: &str = "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'";
+
+fn socket_addr(check: &mut Check, path: &str, text: &str) -> Option<SocketAddr> {
+    match text.to_socket_addrs().map(|mut a| a.next()) {
+        Ok(Some(addr)) => Some(addr),
+        Ok(None) => {
+            check.err(path, format!("{text:?} resolves to no address"));
+            None
+        }
+        Err(e) => {
+            check.err(path, format!("expected HOST:PORT, got {text:?} ({e})"));
+            None
+        }
+    }
+}
+
+fn positive_ms(check: &mut Check, path: &str, value: Option<u64>, default: u64) -> Duration {
+    match value {
+        Some(0) => {
+            check.err(path, "must be greater than 0");
+            Duration::from_millis(default)
+        }
+        Some(ms) => Duration::from_millis(ms),
+        None => Duration::from_millis(default),
+    }
+}
+
+/// Validates a parsed file into a [`Config`], or returns every problem found.
+pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
+    let mut check = Check::default();
+
+    let listen_texts = raw
+        .listen
+        .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()]);
+    if listen_texts.is_empty() {
+        check.err("listen", "needs at least one address");
+    }
+    let listen: Vec<SocketAddr> = listen_texts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| socket_addr(&mut check, &format!("listen[{i}]"), t))
+        .collect();
+
+    let raw_admin = raw.admin.unwrap_or_default();
+    let admin_listen = socket_addr(
+        &mut check,
+        "admin.listen",
+        raw_admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+    );
+    if let Some(token) = &raw_admin.token {
+        if token.trim().is_empty() {
+            check.err("admin.token", "must not be empty (omit it or use null for no token)");
+        }
+    }
+
+    let store = build_store(&mut check, raw.store.unwrap_or_default());
+    let breaker = build_breaker(&mut check, raw.breaker.unwrap_or_default());
+    let client_ip = build_client_ip(&mut check, raw.client_ip.unwrap_or_default());
+
+    let raw_server = raw.server.unwrap_or_default();
+    let server = ServerSettings {
+        threads: raw_server.threads.unwrap_or(0),
+        drain_timeout: Duration::from_millis(raw_server.drain_timeout_ms.unwrap_or(10_000)),
+    };
+
+    let mut upstreams = BTreeMap::new();
+    for (name, up) in raw.upstreams {
+        let path = format!("upstreams.{name}");
+        if !valid_name(&name) {
+            check.err(&path, format!("upstream name {NAME_RULE}"));
+        }
+        if up.targets.is_empty() {
+            check.err(format!("{path}.targets"), "needs at least one HOST:PORT");
+        }
+        let targets: Vec<SocketAddr> = up
+            .targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| socket_addr(&mut check, &format!("{path}.targets[{i}]"), t))
+            .collect();
+        let connect = positive_ms(
+            &mut check,
+            &format!("{path}.connect_timeout_ms"),
+            up.connect_timeout_ms,
+            1000,
+        );
+        let read = positive_ms(
+            &mut check,
+            &format!("{path}.read_timeout_ms"),
+            up.read_timeout_ms,
+            30_000,
+        );
+        upstreams.insert(
+            name.clone(),
+            Arc::new(Upstream::new(name, targets, connect, read)),
+        );
+    }
+
+    let default_headers = header_flags(raw.headers, HeaderFlags {
+        legacy: true,
+        ietf: true,
+    });
+    let mut seen_routes = HashSet::new();
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let path = format!("routes[{i}]");
+        if !seen_routes.insert(r.name.clone()) {
+            check.err(format!("{path}.name"), format!("duplicate route name {:?}", r.name));
+        }
+        if let Some(route) = build_route(&mut check, &path, r, &upstreams, default_headers) {
+            routes.push(Arc::new(route));
+        }
+    }
+
+    if !check.problems.is_empty() {
+        return Err(check.problems);
+    }
+    let Some(admin_listen) = admin_listen else {
+        return Err(vec![Problem::at("admin.listen", "invalid address")]);
+    };
+    Ok(Config {
+        listen,
+        admin: AdminConfig {
+            listen: admin_listen,
+            token: raw_admin.token,
+        },
+        store,
+        breaker,
+        client_ip,
+        server,
+        upstreams,
+        router: Router::new(routes),
+    })
+}
+
+fn header_flags(raw: Option<RawHeaders>, base: HeaderFlags) -> HeaderFlags {
+    match raw {
+        None => base,
+        Some(h) => HeaderFlags {
+            legacy: h.legacy.unwrap_or(base.legacy),
+            ietf: h.ietf.unwrap_or(base.ietf),
+        },
+    }
+}
+
+fn build_store(check: &mut Check, raw: RawStore) -> StoreConfig {
+    let raw_redis = raw.redis.unwrap_or_default();
+    let mode = match raw_redis.mode {
+        RawRedisMode::Standalone => RedisMode::Standalone,
+        RawRedisMode::Cluster => RedisMode::Cluster,
+        RawRedisMode::Sentinel => RedisMode::Sentinel,
+    };
+    let urls = raw_redis
+        .urls
+        .unwrap_or_else(|| vec!["redis://127.0.0.1:6379".to_string()]);
+    if urls.is_empty() {
+        check.err("store.redis.urls", "needs at least one URL");
+    }
+    for (i, url) in urls.iter().enumerate() {
+        if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+            check.err(
+                format!("store.redis.urls[{i}]"),
+                format!("expected redis://HOST:PORT or rediss://HOST:PORT, got {url:?}"),
+            );
+        }
+    }
+    if mode == RedisMode::Sentinel && raw_redis.service_name.is_none() {
+        check.err(
+            "store.redis.service_name",
+            "sentinel mode needs the service (master) name",
+        );
+    }
+    let key_prefix = raw_redis
+        .key_prefix
+        .unwrap_or_else(|| "tollgate:".to_string());
+    if key_prefix.contains(['{', '}']) || key_prefix.chars().any(|c| c.is_whitespace()) {
+        check.err(
+            "store.redis.key_prefix",
+            "must not contain braces or whitespace (braces are the cluster hash tag)",
+        );
+    }
+    let max_buckets = raw
+        .memory
+        .and_then(|m| m.max_buckets)
+        .unwrap_or(DEFAULT_MAX_BUCKETS);
+    if max_buckets == 0 {
+        check.err("store.memory.max_buckets", "must be greater than 0");
+    }
+    StoreConfig {
+        kind: match raw.kind {
+            RawStoreKind::Memory => StoreKindConfig::Memory,
+            RawStoreKind::Redis => StoreKindConfig::Redis,
+        },
+        redis: RedisConfig {
+            mode,
+            urls,
+            service_name: raw_redis.service_name,
+            timeout: positive_ms(check, "store.redis.timeout_ms", raw_redis.timeout_ms, 20),
+            key_prefix,
+        },
+        max_buckets,
+    }
+}
+
+fn build_breaker(check: &mut Check, raw: RawBreaker) -> BreakerConfig {
+    let failure_threshold = raw.failure_threshold.unwrap_or(5);
+    if failure_threshold == 0 {
+        check.err("breaker.failure_threshold", "must be at least 1");
+    }
+    let fallback_instances = raw.fallback_instances.unwrap_or(1);
+    if fallback_instances == 0 {
+        check.err("breaker.fallback_instances", "must be at least 1");
+    }
+    BreakerConfig {
+        failure_threshold,
+        open: positive_ms(check, "breaker.open_ms", raw.open_ms, 2000),
+        fallback: match raw.fallback {
+            RawFallback::Local => Fallback::Local,
+            RawFallback::Allow => Fallback::Allow,
+            RawFallback::Deny => Fallback::Deny,
+        },
+        fallback_instances,
+    }
+}
+
+fn build_client_ip(check: &mut Check, raw: RawClientIp) -> ClientIpConfig {
+    let mut trusted = Vec::new();
+    for (i, text) in raw.trusted_proxies.iter().enumerate() {
+        let parsed = text
+            .parse::<IpNet>()
+            .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+        match parsed {
+            Ok(net) => trusted.push(net),
+            Err(_) => check.err(
+                format!("client_ip.trusted_proxies[{i}]"),
+                format!("expected an address or CIDR such as 10.0.0.0/8, got {text:?}"),
+            ),
+        }
+    }
+    let ipv6_prefix = raw.ipv6_prefix.unwrap_or(64);
+    if ipv6_prefix == 0 || ipv6_prefix > 128 {
+        check.err("client_ip.ipv6_prefix", "must be between 1 and 128");
+    }
+    ClientIpConfig {
+        trusted_proxies: trusted,
+        ipv6_prefix,
+    }
+}
+
+fn build_route(
+    check: &mut Check,
+    path: &str,
+    r: RawRoute,
+    upstreams: &BTreeMap<String, Arc<Upstream>>,
+    default_headers: HeaderFlags,
+) -> Option<Route> {
+    let before = check.problems.len();
+    if !valid_name(&r.name) {
+        check.err(format!("{path}.name"), format!("route name {NAME_RULE}"));
+    }
+    let matcher = build_match(check, &format!("{path}.match"), &r.matcher);
+    let upstream = upstreams.get(&r.upstream).cloned();
+    if upstream.is_none() {
+        let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+        check.err(
+            format!("{path}.upstream"),
+            format!("unknown upstream {:?} (defined: {known:?})", r.upstream),
+        );
+    }
+    let capture_names: HashSet<String> = match &matcher.path {
+        PathMatch::Regex(re) => re.capture_names().flatten().map(str::to_string).collect(),
+        _ => HashSet::new(),
+    };
+    let mut seen = HashSet::new();
+    let mut limits = Vec::new();
+    for (j, l) in r.limits.into_iter().enumerate() {
+        let lpath = format!("{path}.limits[{j}]");
+        if !seen.insert(l.name.clone()) {
+            check.err(format!("{lpath}.name"), format!("duplicate limit name {:?}", l.name));
+        }
+        if let Some(limit) = build_limit(check, &lpath, l, &capture_names) {
+            limits.push(limit);
+        }
+    }
+    if check.problems.len() > before {
+        return None;
+    }
+    Some(Route {
+        name: Arc::from(r.name.as_str()),
+        matcher,
+        upstream: upstream?,
+        shadow: r.shadow,
+        limits,
+        headers: header_flags(r.headers, default_headers),
+    })
+}
+
+fn build_match(check: &mut Check, path: &str, m: &RawMatch) -> RouteMatch {
+    let given = [&m.path, &m.path_prefix, &m.path_regex]
+        .iter()
+        .filter(|p| p.is_some())
+        .count();
+    if given > 1 {
+        check.err(path, "give at most one of path, path_prefix and path_regex");
+    }
+    let path_match = if let Some(p) = &m.path {
+        if !p.starts_with('/') {
+            check.err(format!("{path}.path"), format!("must start with '/', got {p:?}"));
+        }
+        PathMatch::Exact(p.clone())
+    } else if let Some(p) = &m.path_prefix {
+        if !p.starts_with('/') {
+            check.err(
+                format!("{path}.path_prefix"),
+                format!("must start with '/', got {p:?}"),
+            );
+        }
+        PathMatch::Prefix(p.clone())
+    } else if let Some(re) = &m.path_regex {
+        match Regex::new(re) {
+            Ok(compiled) => PathMatch::Regex(compiled),
+            Err(e) => {
+                let first_line = e.to_string().lines().last().unwrap_or("").to_string();
+                check.err(
+                    format!("{path}.path_regex"),
+                    format!("invalid regex {re:?}: {}", first_line.trim()),
+                );
+                PathMatch::Any
+            }
+        }
+    } else {
+        PathMatch::Any
+    };
+    let methods = m.methods.as_ref().map(|ms| {
+        ms.iter()
+            .enumerate()
+            .filter_map(|(i, text)| {
+                let upper = text.to_ascii_uppercase();
+                match http::Method::from_bytes(upper.as_bytes()) {
+                    Ok(method) if !upper.is_empty() => Some(method),
+                    _ => {
+                        check.err(
+                            format!("{path}.methods[{i}]"),
+                            format!("{text:?} is not an HTTP method"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect()
+    });
+    let host = match &m.host {
+        Some(h) if h.trim().is_empty() => {
+            check.err(format!("{path}.host"), "must not be empty");
+            None
+        }
+        Some(h) => Some(HostMatch::parse(h)),
+        None => None,
+    };
+    RouteMatch {
+        host,
+        path: path_match,
+        methods,
+    }
+}
+
+fn build_policy(
+    check: &mut Check,
+    path: &str,
+    rate_text: &str,
+    burst: Option<u64>,
+) -> Option<Policy> {
+    let rate = match Rate::parse(rate_text) {
+        Ok(rate) => rate,
+        Err(msg) => {
+            check.err(format!("{path}.rate"), msg);
+            return None;
+        }
+    };
+    let burst = burst.unwrap_or(rate.count);
+    if burst == 0 {
+        check.err(format!("{path}.burst"), "must be at least 1");
+        return None;
+    }
+    Some(Policy { rate, burst })
+}
+
+fn build_limit(
+    check: &mut Check,
+    path: &str,
+    l: RawLimit,
+    capture_names: &HashSet<String>,
+) -> Option<Limit> {
+    let before = check.problems.len();
+    if !valid_name(&l.name) {
+        check.err(format!("{path}.name"), format!("limit name {NAME_RULE}"));
+    }
+    if l.key.is_empty() {
+        check.err(format!("{path}.key"), "needs at least one part");
+    }
+    let mut parts: Vec<KeyPart> = Vec::new();
+    for (k, text) in l.key.iter().enumerate() {
+        match keys::parse_part(text) {
+            Ok(part) => parts.push(part),
+            Err(msg) => check.err(format!("{path}.key[{k}]"), msg),
+        }
+    }
+    let key = KeySpec { parts };
+    for name in key.path_params() {
+        if !capture_names.contains(name) {
+            check.err(
+                format!("{path}.key"),
+                format!(
+                    "path_param:{name} needs a named group (?P<{name}>...) in the route's match.path_regex"
+                ),
+            );
+        }
+    }
+    let policy = build_policy(check, path, &l.rate, l.burst);
+    let cost = l.cost.unwrap_or(1);
+    let cost_header = match &l.cost_header {
+        Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
+            Ok(name) => Some(name),
+            Err(_) => {
+                check.err(
+                    format!("{path}.cost_header"),
+                    format!("{h:?} is not a valid header name"),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    let mut overrides = HashMap::new();
+    for (value, o) in &l.overrides {
+        let opath = format!("{path}.overrides.{value}");
+        let base = policy.unwrap_or(Policy {
+            rate: Rate {
+                count: 1,
+                period: Duration::from_secs(1),
+            },
+            burst: 1,
+        });
+        let overridden = match &o.rate {
+            Some(rate) => build_policy(check, &opath, rate, o.burst),
+            None => match o.burst {
+                Some(0) => {
+                    check.err(format!("{opath}.burst"), "must be at least 1");
+                    None
+                }
+                Some(burst) => Some(Policy {
+                    rate: base.rate,
+                    burst,
+                }),
+                None => {
+                    check.err(&opath, "give rate, burst or both");
+                    None
+                }
+            },
+        };
+        if let Some(p) = overridden {
+            let parts = value.split(keys::PART_SEPARATOR);
+            overrides.insert(keys::normalize_value(parts), p);
+        }
+    }
+    if check.problems.len() > before {
+        return None;
+    }
+    Some(Limit {
+        name: Arc::from(l.name.as_str()),
+        key,
+        policy: policy?,
+        cost,
+        cost_header,
+        on_missing_key: match l.on_missing_key {
+            RawOnMissingKey::Skip => OnMissingKey::Skip,
+            RawOnMissingKey::Deny => OnMissingKey::Deny,
+            RawOnMissingKey::Anonymous => OnMissingKey::Anonymous,
+        },
+        overrides,
+    })
+}

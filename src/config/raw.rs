@@ -1,0 +1,176 @@
+//! Wire structs: the YAML exactly as an operator writes it. Unknown keys are rejected here;
+//! meaning (rates, addresses, key parts, references) is checked in [`super::model`].
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<Vec<String>>,
+    pub admin: Option<RawAdmin>,
+    pub store: Option<RawStore>,
+    pub breaker: Option<RawBreaker>,
+    pub client_ip: Option<RawClientIp>,
+    pub headers: Option<RawHeaders>,
+    pub server: Option<RawServer>,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<String>,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawStoreKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    #[serde(default)]
+    pub kind: RawStoreKind,
+    pub redis: Option<RawRedis>,
+    pub memory: Option<RawMemory>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawRedisMode {
+    #[default]
+    Standalone,
+    Cluster,
+    Sentinel,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    #[serde(default)]
+    pub mode: RawRedisMode,
+    pub urls: Option<Vec<String>>,
+    pub service_name: Option<String>,
+    pub timeout_ms: Option<u64>,
+    pub key_prefix: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMemory {
+    pub max_buckets: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawFallback {
+    #[default]
+    Local,
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub failure_threshold: Option<u32>,
+    pub open_ms: Option<u64>,
+    #[serde(default)]
+    pub fallback: RawFallback,
+    pub fallback_instances: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientIp {
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    pub ipv6_prefix: Option<u8>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct RawHeaders {
+    pub legacy: Option<bool>,
+    pub ietf: Option<bool>,
+}
+
+/// Process settings that are read once at start (a reload that changes them is logged, not applied).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub threads: Option<usize>,
+    pub drain_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub targets: Vec<String>,
+    pub connect_timeout_ms: Option<u64>,
+    pub read_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: RawMatch,
+    pub upstream: String,
+    #[serde(default)]
+    pub shadow: bool,
+    #[serde(default)]
+    pub limits: Vec<RawLimit>,
+    pub headers: Option<RawHeaders>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawMatch {
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOnMissingKey {
+    #[default]
+    Skip,
+    Deny,
+    Anonymous,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimit {
+    pub name: String,
+    pub key: Vec<String>,
+    pub rate: String,
+    pub burst: Option<u64>,
+    pub cost: Option<u64>,
+    pub cost_header: Option<String>,
+    #[serde(default)]
+    pub on_missing_key: RawOnMissingKey,
+    #[serde(default)]
+    pub overrides: BTreeMap<String, RawOverride>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverride {
+    pub rate: Option<String>,
+    pub burst: Option<u64>,
+}

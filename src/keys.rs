@@ -1,0 +1,420 @@
+//! Key derivation: which bucket a request falls into. Parses key specs (`ip`, `header:NAME`,
+//! `query:NAME`, `path`, `path_param:NAME`, `method`, `host`, `literal:TEXT`, alternatives joined
+//! by `|`), resolves the client IP (X-Forwarded-For only from trusted proxies), and normalises
+//! client-controlled values so none is ever used raw in a bucket key.
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv6Addr};
+
+/// Longest part value kept as written; longer ones are hashed.
+pub const MAX_PLAIN_LEN: usize = 64;
+/// Separates the parts of a composite key value.
+pub const PART_SEPARATOR: char = '|';
+/// What a missing part counts as under `on_missing_key: anonymous`.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Where one part of a key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    Ip,
+    Header(http::HeaderName),
+    Query(String),
+    Path,
+    PathParam(String),
+    Method,
+    Host,
+    Literal(String),
+}
+
+/// One part of a key: the first present of its alternatives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPart {
+    pub alternatives: Vec<KeySource>,
+}
+
+/// A whole key: its parts in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    pub parts: Vec<KeyPart>,
+}
+
+impl KeySpec {
+    /// Names of the `path_param:` sources used anywhere in this key.
+    pub fn path_params(&self) -> impl Iterator<Item = &str> {
+        self.parts
+            .iter()
+            .flat_map(|p| p.alternatives.iter())
+            .filter_map(|s| match s {
+                KeySource::PathParam(name) => Some(name.as_str()),
+                _ => None,
+            })
+    }
+}
+
+/// Parses one key part such as `header:x-api-key|ip`.
+pub fn parse_part(text: &str) -> Result<KeyPart, String> {
+    let mut alternatives = Vec::new();
+    for alt in text.split('|') {
+        alternatives.push(parse_source(alt.trim())?);
+    }
+    Ok(KeyPart { alternatives })
+}
+
+fn parse_source(text: &str) -> Result<KeySource, String> {
+    let (kind, arg) = match text.split_once(':') {
+        Some((k, a)) => (k, Some(a)),
+        None => (text, None),
+    };
+    let need_arg = |what: &str| -> Result<String, String> {
+        match arg {
+            Some(a) if !a.is_empty() => Ok(a.to_string()),
+            _ => Err(format!("{kind:?} needs a {what}: {kind}:{what}")),
+        }
+    };
+    let no_arg = |source: KeySource| -> Result<KeySource, String> {
+        match arg {
+            None => Ok(source),
+            Some(_) => Err(format!("{kind:?} takes no argument, got {text:?}")),
+        }
+    };
+    match kind {
+        "ip" => no_arg(KeySource::Ip),
+        "path" => no_arg(KeySource::Path),
+        "method" => no_arg(KeySource::Method),
+        "host" => no_arg(KeySource::Host),
+        "header" => {
+            let name = need_arg("NAME")?;
+            http::HeaderName::from_bytes(name.as_bytes())
+                .map(KeySource::Header)
+                .map_err(|_| format!("{name:?} is not a valid header name"))
+        }
+        "query" => need_arg("NAME").map(KeySource::Query),
+        "path_param" => need_arg("NAME").map(KeySource::PathParam),
+        "literal" => need_arg("TEXT").map(KeySource::Literal),
+        "" => Err("empty key part".to_string()),
+        other => Err(format!(
+            "unknown key part {other:?}; expected ip, header:NAME, query:NAME, path, \
+             path_param:NAME, method, host or literal:TEXT"
+        )),
+    }
+}
+
+/// What key derivation sees of a request.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// Lower-case, without port.
+    pub host: Option<&'a str>,
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+    pub client_ip: IpAddr,
+    pub path_params: Option<&'a regex::Captures<'a>>,
+}
+
+/// Appends the normalised key value of `spec` for `req` to `out`. Returns false when a part is
+/// missing (and `anonymous` is false); with `anonymous`, missing parts count as `anonymous`.
+pub fn derive(
+    spec: &KeySpec,
+    req: &RequestView<'_>,
+    ipv6_prefix: u8,
+    anonymous: bool,
+    out: &mut String,
+) -> bool {
+    for (i, part) in spec.parts.iter().enumerate() {
+        if i > 0 {
+            out.push(PART_SEPARATOR);
+        }
+        let found = part
+            .alternatives
+            .iter()
+            .any(|source| append_source(source, req, ipv6_prefix, out));
+        if !found {
+            if anonymous {
+                out.push_str(ANONYMOUS);
+            } else {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn append_source(
+    source: &KeySource,
+    req: &RequestView<'_>,
+    ipv6_prefix: u8,
+    out: &mut String,
+) -> bool {
+    match source {
+        KeySource::Ip => {
+            append_ip(req.client_ip, ipv6_prefix, out);
+            true
+        }
+        KeySource::Header(name) => match req.headers.get(name) {
+            Some(v) if !v.is_empty() => {
+                append_normalized(v.as_bytes(), out);
+                true
+            }
+            _ => false,
+        },
+        KeySource::Query(name) => match req.query.and_then(|q| query_value(q, name)) {
+            Some(v) if !v.is_empty() => {
+                append_normalized(&v, out);
+                true
+            }
+            _ => false,
+        },
+        KeySource::Path => {
+            append_normalized(req.path.as_bytes(), out);
+            true
+        }
+        KeySource::PathParam(name) => {
+            match req.path_params.and_then(|c| c.name(name)) {
+                Some(m) if !m.as_str().is_empty() => {
+                    append_normalized(m.as_str().as_bytes(), out);
+                    true
+                }
+                _ => false,
+            }
+        }
+        KeySource::Method => {
+            append_normalized(req.method.as_bytes(), out);
+            true
+        }
+        KeySource::Host => match req.host {
+            Some(h) if !h.is_empty() => {
+                append_normalized(h.as_bytes(), out);
+                true
+            }
+            _ => false,
+        },
+        KeySource::Literal(text) => {
+            append_normalized(text.as_bytes(), out);
+            true
+        }
+    }
+}
+
+/// IPv4 as written; IPv6 grouped by its first `ipv6_prefix` bits, as `net/len`.
+pub fn append_ip(ip: IpAddr, ipv6_prefix: u8, out: &mut String) {
+    match ip {
+        IpAddr::V4(v4) => {
+            let _ = write!(out, "{v4}");
+        }
+        IpAddr::V6(v6) if ipv6_prefix >= 128 => {
+            let _ = write!(out, "{v6}");
+        }
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let mask = if ipv6_prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(ipv6_prefix))
+            };
+            let _ = write!(out, "{}/{}", Ipv6Addr::from(bits & mask), ipv6_prefix);
+        }
+    }
+}
+
+/// Whether a value may appear in a bucket key as written: short printable ASCII without
+/// spaces and without the characters that carry meaning in keys (`{`, `}`, `|`, `#`).
+pub fn is_plain(value: &[u8]) -> bool {
+    !value.is_empty()
+        && value.len() <= MAX_PLAIN_LEN
+        && value
+            .iter()
+            .all(|&b| (0x21..=0x7e).contains(&b) && !matches!(b, b'{' | b'}' | b'|' | b'#'))
+}
+
+/// Appends `value` as written when plain, else `#` and 32 hex digits of its SHA-256.
+pub fn append_normalized(value: &[u8], out: &mut String) {
+    if is_plain(value) {
+        // Plain values are ASCII by construction.
+        out.extend(value.iter().map(|&b| b as char));
+    } else {
+        out.push('#');
+        let digest = Sha256::digest(value);
+        for byte in &digest[..16] {
+            let _ = write!(out, "{byte:02x}");
+        }
+    }
+}
+
+/// The normalised form of a key value written in config (overrides, admin queries): its parts,
+/// split on `|`, each normalised.
+pub fn normalize_value<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            out.push(PART_SEPARATOR);
+        }
+        append_normalized(part.as_bytes(), &mut out);
+    }
+    out
+}
+
+/// The percent-decoded value of query parameter `name`, if present.
+pub fn query_value(query: &str, name: &str) -> Option<Vec<u8>> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(k.as_bytes()) == name.as_bytes()).then(|| percent_decode(v.as_bytes()))
+    })
+}
+
+fn percent_decode(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = |c: u8| (c as char).to_digit(16);
+                match (
+                    input.get(i + 1).and_then(|&c| hex(c)),
+                    input.get(i + 2).and_then(|&c| hex(c)),
+                ) {
+                    (Some(h), Some(l)) => {
+                        out.push((h * 16 + l) as u8);
+                        i += 2;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The client's address: the direct peer, unless the peer is a trusted proxy, in which case
+/// X-Forwarded-For is read right to left and the first untrusted address is the client. If every
+/// hop is trusted the leftmost is taken; an unparsable hop stops the walk at the last good one.
+pub fn client_ip<'a>(
+    peer: IpAddr,
+    forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
+    trusted: &[IpNet],
+) -> IpAddr {
+    let peer = canonical(peer);
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for header in forwarded_for.rev() {
+        let Ok(text) = std::str::from_utf8(header) else {
+            return client;
+        };
+        for hop in text.rsplit(',') {
+            match parse_hop(hop.trim()) {
+                Some(ip) => {
+                    client = canonical(ip);
+                    if !is_trusted(&client) {
+                        return client;
+                    }
+                }
+                None => return client,
+            }
+        }
+    }
+    client
+}
+
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    hop.parse::<IpAddr>()
+        .ok()
+        .or_else(|| hop.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+}
+
+/// IPv4-mapped IPv6 addresses (`::ffff:1.2.3.4`) count as the IPv4 address.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter()
+            .map(|s| s.parse().unwrap_or_else(|e| panic!("{s}: {e}")))
+            .collect()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn parses_parts_and_alternatives() {
+        let part = parse_part("header:x-api-key|header:x-user-id|ip").expect("parse");
+        assert_eq!(part.alternatives.len(), 3);
+        assert_eq!(part.alternatives[2], KeySource::Ip);
+        assert!(parse_part("cookie:session").is_err());
+        assert!(parse_part("header:").is_err());
+        assert!(parse_part("ip:x").is_err());
+        assert!(parse_part("header:bad name").is_err());
+    }
+
+    #[test]
+    fn untrusted_peer_ignores_forwarded_for() {
+        let got = client_ip(ip("203.0.113.9"), [&b"1.1.1.1"[..]].into_iter(), &[]);
+        assert_eq!(got, ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn trusted_peer_takes_rightmost_untrusted() {
+        let trusted = nets(&["10.0.0.0/8"]);
+        let xff: [&[u8]; 2] = [b"6.6.6.6, 1.2.3.4", b"10.1.1.1"];
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), xff.into_iter(), &trusted),
+            ip("1.2.3.4"),
+            "the spoofed leftmost entry is never used"
+        );
+        let all_trusted: [&[u8]; 1] = [b"10.9.9.9, 10.1.1.1"];
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), all_trusted.into_iter(), &trusted),
+            ip("10.9.9.9")
+        );
+        let garbage: [&[u8]; 1] = [b"1.2.3.4, nonsense"];
+        assert_eq!(
+            client_ip(ip("10.0.0.1"), garbage.into_iter(), &trusted),
+            ip("10.0.0.1")
+        );
+    }
+
+    #[test]
+    fn ipv6_is_grouped_by_prefix_and_mapped_v4_is_v4() {
+        let mut out = String::new();
+        append_ip(ip("2001:db8:1:2:3:4:5:6"), 64, &mut out);
+        assert_eq!(out, "2001:db8:1:2::/64");
+        assert_eq!(canonical(ip("::ffff:1.2.3.4")), ip("1.2.3.4"));
+    }
+
+    #[test]
+    fn odd_values_are_hashed() {
+        let mut out = String::new();
+        append_normalized(b"plain-key_1.x", &mut out);
+        assert_eq!(out, "plain-key_1.x");
+        for odd in [&b"has space"[..], b"{tag}", b"a|b", &[0xff, 0x00], &[b'a'; 65]] {
+            let mut out = String::new();
+            append_normalized(odd, &mut out);
+            assert!(out.starts_with('#') && out.len() == 33, "{out}");
+        }
+    }
+
+    #[test]
+    fn query_values_are_decoded() {
+        assert_eq!(
+            query_value("a=1&user=bob%20smith&b", "user"),
+            Some(b"bob smith".to_vec())
+        );
+        assert_eq!(query_value("a=1", "user"), None);
+        assert_eq!(query_value("a=%zz", "a"), Some(b"%zz".to_vec()));
+    }
+}

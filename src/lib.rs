@@ -1,0 +1,27 @@
+//! Tollgate: a reverse-proxy gateway on Cloudflare's Pingora that enforces rate limits inline.
+//!
+//! # Layout
+//! - [`config`]: YAML wire structs, the validated model, errors that name file, field and line.
+//! - [`routes`]: the route table (host, method, path), first match wins.
+//! - [`keys`]: key derivation from the request, client IP behind trusted proxies, normalisation.
+//! - [`limiter`]: limits, the `Store` trait, token-bucket arithmetic, the memory store, planning.
+//! - [`upstream`]: upstream groups, round robin, timeouts.
+//! - [`proxy`]: the Pingora `ProxyHttp` phases and the responses the gateway writes itself.
+//! - [`admin`]: health, readiness and metrics on the admin listener.
+//! - [`metrics`]: every Prometheus family, registered once.
+//! - [`state`]: the config generation in force, the store, in-flight requests.
+//! - [`server`]: assembling Pingora services, signals, graceful drain.
+//! - [`demo`]: the embedded default and its built-in upstream.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod keys;
+pub mod limiter;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+pub mod server;
+pub mod state;
+pub mod upstream;

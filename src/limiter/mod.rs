@@ -1,0 +1,199 @@
+//! Rate limiting: the limit model (rate, burst, cost), the [`Store`] trait that decides a set of
+//! buckets atomically, and the planning step that turns a matched route and a request into
+//! bucket requests and then into a [`Decision`].
+//!
+//! Parts: [`gcra`] (the token-bucket arithmetic, shared by every store), [`memory`] (the sharded,
+//! bounded in-process store), [`clock`] (injected time), [`plan`] (route + request → decision).
+
+pub mod clock;
+pub mod gcra;
+pub mod memory;
+pub mod plan;
+
+use crate::keys::KeySpec;
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use plan::{Decision, LimitStatus};
+
+/// `N` tokens per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u64,
+    pub period: Duration,
+}
+
+impl Rate {
+    /// Parses `N/s`, `N/m`, `N/h` or `N/d`.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let bad = || format!("expected N/s, N/m, N/h or N/d with N >= 1, got {text:?}");
+        let (count, unit) = text.trim().split_once('/').ok_or_else(bad)?;
+        let count: u64 = count.trim().parse().map_err(|_| bad())?;
+        let secs = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(bad()),
+        };
+        if count == 0 || count > 1_000_000_000 {
+            return Err(bad());
+        }
+        Ok(Rate {
+            count,
+            period: Duration::from_secs(secs),
+        })
+    }
+
+    /// Time for one token to drip back in, in nanoseconds (at least 1).
+    pub fn interval_ns(&self) -> u64 {
+        (self.period.as_nanos() as u64 / self.count).max(1)
+    }
+}
+
+/// How fast a bucket refills and how much it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub rate: Rate,
+    pub burst: u64,
+}
+
+impl Policy {
+    /// Time to refill an empty bucket, in whole seconds rounded up (the IETF `w` parameter).
+    pub fn window_secs(&self) -> u64 {
+        ceil_secs(self.rate.interval_ns().saturating_mul(self.burst))
+    }
+}
+
+/// Nanoseconds to whole seconds, rounded up.
+pub fn ceil_secs(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000)
+}
+
+/// What a limit does when its key cannot be derived from the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMissingKey {
+    /// The limit does not apply to this request.
+    Skip,
+    /// The request is denied with 429.
+    Deny,
+    /// The missing part counts as the literal value `anonymous`.
+    Anonymous,
+}
+
+/// One limit of a route, validated.
+#[derive(Debug)]
+pub struct Limit {
+    pub name: Arc<str>,
+    pub key: KeySpec,
+    pub policy: Policy,
+    pub cost: u64,
+    pub cost_header: Option<http::HeaderName>,
+    pub on_missing_key: OnMissingKey,
+    /// By normalised key value (see [`crate::keys::normalize_value`]).
+    pub overrides: HashMap<String, Policy>,
+}
+
+/// One bucket to decide: its identity, its parameters and what this request costs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BucketRequest {
+    /// `route:limit:value` with a normalised value; unique per bucket.
+    pub key: String,
+    pub interval_ns: u64,
+    pub burst: u64,
+    pub cost: u64,
+}
+
+/// A bucket's state after a decision (or a peek).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BucketOutcome {
+    /// This bucket alone would admit the request.
+    pub allowed: bool,
+    /// Whole tokens left after the decision.
+    pub remaining: u64,
+    /// Time until the bucket is full again.
+    pub reset_ns: u64,
+    /// Time until the bucket could admit this request's cost (0 when allowed).
+    pub retry_ns: u64,
+    /// Time until the bucket gains its next whole token (0 when full).
+    pub next_token_ns: u64,
+}
+
+/// Which store made a decision, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Memory,
+    Redis,
+    LocalFallback,
+}
+
+impl StoreKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            StoreKind::Memory => "memory",
+            StoreKind::Redis => "redis",
+            StoreKind::LocalFallback => "local_fallback",
+        }
+    }
+}
+
+/// Why a store could not decide.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("store call timed out")]
+    Timeout,
+    #[error("store connection failed: {0}")]
+    Connection(String),
+    #[error("store script failed: {0}")]
+    Script(String),
+}
+
+/// Where buckets live. A decision covers every bucket of one request and is all-or-nothing:
+/// either every bucket admits and all are charged, or none is charged.
+#[async_trait]
+pub trait Store: Send + Sync {
+    fn kind(&self) -> StoreKind;
+    async fn decide(&self, requests: &[BucketRequest]) -> Result<Vec<BucketOutcome>, StoreError>;
+    /// The bucket's state without charging it.
+    async fn peek(&self, request: &BucketRequest) -> Result<BucketOutcome, StoreError>;
+    /// Forgets the bucket: it is full again.
+    async fn reset(&self, key: &str) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rates() {
+        assert_eq!(Rate::parse("10/s").map(|r| r.interval_ns()), Ok(100_000_000));
+        assert_eq!(Rate::parse("60/m").map(|r| r.interval_ns()), Ok(1_000_000_000));
+        assert_eq!(
+            Rate::parse("2/h").map(|r| r.period),
+            Ok(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            Rate::parse("1/d").map(|r| r.period),
+            Ok(Duration::from_secs(86_400))
+        );
+        for bad in ["ten/s", "10", "10/w", "0/s", "-1/s", ""] {
+            assert!(Rate::parse(bad).is_err(), "{bad} should not parse");
+        }
+    }
+
+    #[test]
+    fn window_is_time_to_refill_rounded_up() {
+        let policy = Policy {
+            rate: Rate::parse("10/s").unwrap_or_else(|e| panic!("{e}")),
+            burst: 20,
+        };
+        assert_eq!(policy.window_secs(), 2);
+        let policy = Policy {
+            rate: Rate::parse("3/s").unwrap_or_else(|e| panic!("{e}")),
+            burst: 4,
+        };
+        assert_eq!(policy.window_secs(), 2);
+    }
+}

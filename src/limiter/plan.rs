@@ -1,0 +1,128 @@
+//! Planning: from a matched route and a request to the bucket requests a store decides, and
+//! from the store's outcomes to one [`Decision`] for the request.
+
+use super::{BucketOutcome, BucketRequest, OnMissingKey, Policy};
+use crate::keys::{self, RequestView};
+use crate::routes::Route;
+use std::sync::Arc;
+
+/// The buckets one request touches.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub requests: Vec<BucketRequest>,
+    /// For each request: the limit's name and the policy in force (after overrides).
+    pub limits: Vec<(Arc<str>, Policy)>,
+    /// Limits that deny because their key is missing (`on_missing_key: deny`).
+    pub missing_denied: Vec<(Arc<str>, Policy)>,
+}
+
+/// The bucket's identity: `route:limit:{value}`. Braces make the value the Redis Cluster hash
+/// tag; the value is normalised, never raw client input.
+pub fn bucket_key(route: &str, limit: &str, value: &str) -> String {
+    let mut key = String::with_capacity(route.len() + limit.len() + value.len() + 4);
+    key.push_str(route);
+    key.push(':');
+    key.push_str(limit);
+    key.push_str(":{");
+    key.push_str(value);
+    key.push('}');
+    key
+}
+
+/// Derives every limit's key and cost for this request.
+pub fn plan(route: &Route, req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
+    let mut plan = Plan::default();
+    for limit in &route.limits {
+        let mut value = String::new();
+        let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
+        if !keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut value) {
+            if limit.on_missing_key == OnMissingKey::Deny {
+                plan.missing_denied
+                    .push((limit.name.clone(), limit.policy));
+            }
+            continue;
+        }
+        let policy = limit.overrides.get(&value).copied().unwrap_or(limit.policy);
+        let cost = limit
+            .cost_header
+            .as_ref()
+            .and_then(|h| req.headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(limit.cost);
+        plan.requests.push(BucketRequest {
+            key: bucket_key(&route.name, &limit.name, &value),
+            interval_ns: policy.rate.interval_ns(),
+            burst: policy.burst,
+            cost,
+        });
+        plan.limits.push((limit.name.clone(), policy));
+    }
+    plan
+}
+
+/// One limit's part in a decision.
+#[derive(Debug, Clone)]
+pub struct LimitStatus {
+    pub name: Arc<str>,
+    pub policy: Policy,
+    pub outcome: BucketOutcome,
+}
+
+/// The verdict on one request.
+#[derive(Debug, Clone, Default)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Every limit that was decided, in route order.
+    pub statuses: Vec<LimitStatus>,
+    /// Names of the limits that denied.
+    pub violated: Vec<Arc<str>>,
+    /// When the request could be admitted (the longest wait among violated limits).
+    pub retry_after_ns: u64,
+}
+
+impl Decision {
+    /// A request no limit applies to.
+    pub fn unlimited() -> Decision {
+        Decision {
+            allowed: true,
+            ..Decision::default()
+        }
+    }
+
+    /// Combines a plan with the store's outcomes (one per bucket request, same order).
+    pub fn from_outcomes(plan: Plan, outcomes: Vec<BucketOutcome>) -> Decision {
+        let mut decision = Decision::unlimited();
+        for ((name, policy), outcome) in plan.limits.into_iter().zip(outcomes) {
+            if !outcome.allowed {
+                decision.violated.push(name.clone());
+                decision.retry_after_ns = decision.retry_after_ns.max(outcome.retry_ns);
+            }
+            decision.statuses.push(LimitStatus {
+                name,
+                policy,
+                outcome,
+            });
+        }
+        for (name, policy) in plan.missing_denied {
+            decision.retry_after_ns = decision.retry_after_ns.max(policy.rate.interval_ns());
+            decision.violated.push(name);
+        }
+        decision.allowed = decision.violated.is_empty();
+        decision
+    }
+
+    /// The status that headers describe: the lowest remaining, among the violated ones when
+    /// the request was denied.
+    pub fn most_restrictive(&self) -> Option<&LimitStatus> {
+        self.statuses
+            .iter()
+            .filter(|s| self.allowed || !s.outcome.allowed)
+            .min_by(|a, b| {
+                a.outcome
+                    .remaining
+                    .cmp(&b.outcome.remaining)
+                    .then(b.outcome.reset_ns.cmp(&a.outcome.reset_ns))
+            })
+    }
+}

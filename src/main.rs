@@ -1,0 +1,143 @@
+//! The `tollgate` binary: parses the command line, loads the config and runs the library's
+//! server. Everything else lives in the library so tests build the same gateway.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tollgate::{config, demo, server};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Rate-limiting reverse proxy on Pingora")]
+struct Cli {
+    /// Config file to run (also TOLLGATE_CONFIG).
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines (also TOLLGATE_LOG_FORMAT=json).
+    #[arg(long)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and validate config files; print `ok` or one line per problem (exit 1).
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Run the embedded default config in front of a built-in upstream on loopback.
+    Demo {
+        #[arg(long, default_value = demo::DEMO_PROXY)]
+        listen: String,
+        #[arg(long, default_value = demo::DEMO_ADMIN)]
+        admin: String,
+        #[arg(long, default_value = demo::DEMO_UPSTREAM)]
+        upstream: String,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = json
+        || std::env::var("TOLLGATE_LOG_FORMAT")
+            .map(|v| v.eq_ignore_ascii_case("json"))
+            .unwrap_or(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        match config::load(file) {
+            Ok(_) if files.len() == 1 => println!("ok"),
+            Ok(_) => println!("{}: ok", file.display()),
+            Err(e) => {
+                failed = true;
+                for line in e.lines() {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Validate { files }) => validate(&files),
+        Some(Command::Demo {
+            listen,
+            admin,
+            upstream,
+        }) => {
+            init_logging(cli.log_json);
+            let text = demo::demo_config_text(&listen, &admin, &upstream);
+            let mut cfg = match config::parse(&text, "<embedded demo config>") {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(1);
+                }
+            };
+            config::apply_env(&mut cfg);
+            let upstream_addr = match upstream.parse() {
+                Ok(a) => a,
+                Err(e) => {
+                    eprintln!("--upstream {upstream:?}: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            println!("{}", demo::instructions(&listen, &admin));
+            finish(server::run(server::RunOptions {
+                config: cfg,
+                config_path: None,
+                demo_upstream: Some(upstream_addr),
+            }))
+        }
+        None => {
+            init_logging(cli.log_json);
+            let Some(path) = cli.config else {
+                eprintln!("tollgate: no config given: use --config FILE or TOLLGATE_CONFIG (or `tollgate demo`)");
+                return ExitCode::from(2);
+            };
+            let cfg = match config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    for line in e.lines() {
+                        eprintln!("{line}");
+                    }
+                    return ExitCode::from(1);
+                }
+            };
+            finish(server::run(server::RunOptions {
+                config: cfg,
+                config_path: Some(path),
+                demo_upstream: None,
+            }))
+        }
+    }
+}
+
+fn finish(result: Result<(), server::ServerError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! The Pingora `ProxyHttp` implementation: the request's path through the gateway.
+//!
+//! `request_filter` matches the route, derives keys and decides every limit (writing a 429 or
+//! 404 itself when it must); `upstream_peer` picks a target round-robin; `response_filter` adds
+//! the rate-limit headers; `fail_to_connect`/`fail_to_proxy` turn upstream failures into 502/504;
+//! `logging` records upstream metrics and the access log.
+
+pub mod ctx;
+pub mod response;
+
+use crate::keys::{self, RequestView};
+use crate::limiter::plan::{self, Decision};
+use crate::metrics::{status_class, NO_ROUTE_LABEL};
+use crate::routes::normalize_host;
+use crate::state::Shared;
+use async_trait::async_trait;
+use bytes::Bytes;
+use ctx::Ctx;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The gateway's proxy logic.
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Gateway { shared }
+    }
+
+    fn count(&self, route: &str, decision: &'static str, ctx: &mut Ctx) {
+        ctx.decision_label = decision;
+        self.shared
+            .metrics
+            .requests
+            .with_label_values(&[route, decision])
+            .inc();
+    }
+}
+
+fn peer_ip(session: &Session) -> IpAddr {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+}
+
+async fn send(session: &mut Session, resp: ResponseHeader, body: Bytes) -> Result<bool> {
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await?;
+    Ok(true)
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new(self.shared.enter())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let config = self.shared.config();
+        let peer = peer_ip(session);
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()))
+            .map(normalize_host);
+        let path = req.uri.path();
+        let Some(route) = config
+            .router
+            .find(&req.method, host.as_deref(), path)
+            .cloned()
+        else {
+            self.count(NO_ROUTE_LABEL, "no_route", ctx);
+            ctx.config = Some(config);
+            let (resp, body) = response::problem(404, "Not Found", "no_route")?;
+            return send(session, resp, body).await;
+        };
+
+        let decision = if route.limits.is_empty() {
+            Decision::unlimited()
+        } else {
+            let client_ip = keys::client_ip(
+                peer,
+                req.headers
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .map(|v| v.as_bytes()),
+                &config.client_ip.trusted_proxies,
+            );
+            let captures = if route.needs_captures() {
+                route.captures(path)
+            } else {
+                None
+            };
+            let view = RequestView {
+                method: req.method.as_str(),
+                host: host.as_deref(),
+                path,
+                query: req.uri.query(),
+                headers: &req.headers,
+                client_ip,
+                path_params: captures.as_ref(),
+            };
+            let plan = plan::plan(&route, &view, config.client_ip.ipv6_prefix);
+            if plan.requests.is_empty() || !plan.missing_denied.is_empty() {
+                Decision::from_outcomes(plan, Vec::new())
+            } else {
+                let started = Instant::now();
+                let result = self.shared.store.decide(&plan.requests).await;
+                self.shared
+                    .metrics
+                    .decision_duration
+                    .with_label_values(&[self.shared.store.kind().label()])
+                    .observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(outcomes) => Decision::from_outcomes(plan, outcomes),
+                    Err(e) => {
+                        // The memory store cannot fail; the breaker (Redis) arrives with the
+                        // Redis store. Until then a failed decision fails open, counted.
+                        tracing::warn!(error = %e, route = %route.name, "store decision failed");
+                        self.count(&route.name, "fallback_allowed", ctx);
+                        ctx.route = Some(route);
+                        ctx.config = Some(config);
+                        return Ok(false);
+                    }
+                }
+            }
+        };
+
+        ctx.config = Some(config);
+        if decision.allowed {
+            self.count(&route.name, "allowed", ctx);
+            if !route.shadow {
+                ctx.decision = Some(decision);
+            }
+        } else if route.shadow {
+            self.count(&route.name, "shadow_limited", ctx);
+            tracing::info!(
+                route = %route.name,
+                violated = ?decision.violated,
+                "shadow mode: request would have been limited"
+            );
+        } else {
+            self.count(&route.name, "limited", ctx);
+            let (resp, body) = response::too_many_requests(&route.name, &decision, route.headers)?;
+            ctx.route = Some(route);
+            return send(session, resp, body).await;
+        }
+        ctx.route = Some(route);
+        Ok(false)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route in context"))?;
+        let upstream = &route.upstream;
+        let target = upstream.next_target().ok_or_else(|| {
+            Error::explain(ErrorType::ConnectNoRoute, "upstream has no targets")
+        })?;
+        ctx.attempts += 1;
+        ctx.upstream_start = Some(Instant::now());
+        let mut peer = HttpPeer::new(target, false, String::new());
+        peer.options.connection_timeout = Some(upstream.connect_timeout);
+        peer.options.read_timeout = Some(upstream.read_timeout);
+        peer.options.write_timeout = Some(upstream.read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        upstream_request.append_header("X-Forwarded-For", peer_ip(session).to_string())?;
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        // Like NGINX's proxy_next_upstream: a target that cannot be reached is skipped, once
+        // per target of the group.
+        let targets = ctx.route.as_ref().map_or(0, |r| r.upstream.targets.len());
+        if ctx.attempts < targets {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(route) = &ctx.route {
+            let metrics = &self.shared.metrics;
+            metrics
+                .upstream_responses
+                .with_label_values(&[&route.name, status_class(upstream_response.status.as_u16())])
+                .inc();
+            if let Some(start) = ctx.upstream_start {
+                metrics
+                    .upstream_duration
+                    .with_label_values(&[&route.name])
+                    .observe(start.elapsed().as_secs_f64());
+            }
+            if let Some(decision) = &ctx.decision {
+                response::add_rate_limit_headers(upstream_response, decision, route.headers)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                504
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if e.esource() == &ErrorSource::Upstream {
+            if let Some(route) = &ctx.route {
+                self.shared
+                    .metrics
+                    .upstream_responses
+                    .with_label_values(&[&route.name, "error"])
+                    .inc();
+            }
+        }
+        if code > 0 {
+            if let Err(write_err) = session.respond_error(code).await {
+                tracing::debug!(error = %write_err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session
+            .response_written()
+            .map_or(0, |r| r.status.as_u16());
+        let route = ctx.route.as_ref().map_or(NO_ROUTE_LABEL, |r| &r.name);
+        tracing::debug!(
+            target: "tollgate::access",
+            method = %session.req_header().method,
+            path = %session.req_header().uri.path(),
+            route,
+            decision = ctx.decision_label,
+            status,
+            duration_us = ctx.started.elapsed().as_micros() as u64,
+            error = e.map(|e| e.to_string()),
+            "request"
+        );
+    }
+}

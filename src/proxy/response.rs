@@ -1,0 +1,188 @@
+//! What the gateway writes itself: rate-limit headers (legacy `X-RateLimit-*` and IETF
+//! draft-10 `RateLimit-Policy` / `RateLimit`), the 429 problem+json response, and the 404 for
+//! requests no route takes.
+
+use crate::limiter::{ceil_secs, Decision};
+use crate::routes::HeaderFlags;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use std::fmt::Write as _;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+const QUOTA_EXCEEDED: &str = "https://iana.org/assignments/http-problem-types#quota-exceeded";
+
+/// Adds the rate-limit headers describing `decision` to a response.
+pub fn add_rate_limit_headers(
+    resp: &mut ResponseHeader,
+    decision: &Decision,
+    flags: HeaderFlags,
+) -> pingora::Result<()> {
+    if decision.statuses.is_empty() {
+        return Ok(());
+    }
+    if flags.legacy {
+        if let Some(s) = decision.most_restrictive() {
+            resp.insert_header("X-RateLimit-Limit", s.policy.burst.to_string())?;
+            resp.insert_header("X-RateLimit-Remaining", s.outcome.remaining.to_string())?;
+            resp.insert_header("X-RateLimit-Reset", ceil_secs(s.outcome.reset_ns).to_string())?;
+        }
+    }
+    if flags.ietf {
+        resp.insert_header("RateLimit-Policy", ietf_policy(decision))?;
+        resp.insert_header("RateLimit", ietf_state(decision))?;
+    }
+    Ok(())
+}
+
+/// `"per-ip";q=20;w=2, "per-key";q=100;w=60`
+pub fn ietf_policy(decision: &Decision) -> String {
+    let mut out = String::new();
+    for (i, s) in decision.statuses.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let _ = write!(
+            out,
+            "\"{}\";q={};w={}",
+            s.name,
+            s.policy.burst,
+            s.policy.window_secs()
+        );
+    }
+    out
+}
+
+/// `"per-ip";r=7;t=1, "per-key";r=99;t=1`
+pub fn ietf_state(decision: &Decision) -> String {
+    let mut out = String::new();
+    for (i, s) in decision.statuses.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        let _ = write!(
+            out,
+            "\"{}\";r={};t={}",
+            s.name,
+            s.outcome.remaining,
+            ceil_secs(s.outcome.next_token_ns)
+        );
+    }
+    out
+}
+
+/// Whole seconds to wait: the wait rounded up, never earlier than the violated limits' `t`,
+/// and at least 1.
+pub fn retry_after_secs(decision: &Decision) -> u64 {
+    let t = decision
+        .statuses
+        .iter()
+        .filter(|s| !s.outcome.allowed)
+        .map(|s| ceil_secs(s.outcome.next_token_ns))
+        .max()
+        .unwrap_or(0);
+    ceil_secs(decision.retry_after_ns).max(t).max(1)
+}
+
+/// The RFC 9457 body of a 429.
+pub fn problem_body(route: &str, decision: &Decision) -> Bytes {
+    let body = serde_json::json!({
+        "type": QUOTA_EXCEEDED,
+        "title": "Too Many Requests",
+        "status": 429,
+        "error": "rate_limited",
+        "violated-policies": decision.violated.iter().map(|n| n.as_ref()).collect::<Vec<_>>(),
+        "route": route,
+        "retry_after_ms": decision.retry_after_ns.div_ceil(1_000_000),
+    });
+    Bytes::from(body.to_string())
+}
+
+/// The full 429 response for a denied request.
+pub fn too_many_requests(
+    route: &str,
+    decision: &Decision,
+    flags: HeaderFlags,
+) -> pingora::Result<(ResponseHeader, Bytes)> {
+    let body = problem_body(route, decision);
+    let mut resp = ResponseHeader::build(429, Some(8))?;
+    add_rate_limit_headers(&mut resp, decision, flags)?;
+    resp.insert_header("Retry-After", retry_after_secs(decision).to_string())?;
+    resp.insert_header("Content-Type", PROBLEM_JSON)?;
+    resp.insert_header("Content-Length", body.len().to_string())?;
+    resp.insert_header("Cache-Control", "no-store")?;
+    Ok((resp, body))
+}
+
+/// A small problem+json response the gateway writes itself (404 no route, 503 fallback deny).
+pub fn problem(status: u16, title: &str, error: &str) -> pingora::Result<(ResponseHeader, Bytes)> {
+    let body = Bytes::from(
+        serde_json::json!({
+            "type": "about:blank",
+            "title": title,
+            "status": status,
+            "error": error,
+        })
+        .to_string(),
+    );
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("Content-Type", PROBLEM_JSON)?;
+    resp.insert_header("Content-Length", body.len().to_string())?;
+    Ok((resp, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::{BucketOutcome, LimitStatus, Policy, Rate};
+    use std::sync::Arc;
+
+    fn status(name: &str, burst: u64, remaining: u64, allowed: bool) -> LimitStatus {
+        LimitStatus {
+            name: Arc::from(name),
+            policy: Policy {
+                rate: Rate::parse("10/s").unwrap_or_else(|e| panic!("{e}")),
+                burst,
+            },
+            outcome: BucketOutcome {
+                allowed,
+                remaining,
+                reset_ns: 1_500_000_000,
+                retry_ns: if allowed { 0 } else { 1_200_000_000 },
+                next_token_ns: 100_000_000,
+            },
+        }
+    }
+
+    #[test]
+    fn ietf_fields_list_every_limit() {
+        let d = Decision {
+            allowed: true,
+            statuses: vec![status("per-ip", 20, 7, true), status("per-key", 100, 50, true)],
+            violated: vec![],
+            retry_after_ns: 0,
+        };
+        assert_eq!(
+            ietf_policy(&d),
+            "\"per-ip\";q=20;w=2, \"per-key\";q=100;w=10"
+        );
+        assert_eq!(ietf_state(&d), "\"per-ip\";r=7;t=1, \"per-key\";r=50;t=1");
+        assert_eq!(d.most_restrictive().map(|s| &*s.name), Some("per-ip"));
+    }
+
+    #[test]
+    fn denial_body_and_retry_after() {
+        let d = Decision {
+            allowed: false,
+            statuses: vec![status("per-ip", 20, 0, false), status("per-key", 100, 3, true)],
+            violated: vec![Arc::from("per-ip")],
+            retry_after_ns: 1_200_000_000,
+        };
+        assert_eq!(retry_after_secs(&d), 2);
+        let body: serde_json::Value =
+            serde_json::from_slice(&problem_body("login", &d)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(body["violated-policies"], serde_json::json!(["per-ip"]));
+        assert_eq!(body["retry_after_ms"], 1200);
+        assert_eq!(body["route"], "login");
+        assert_eq!(body["status"], 429);
+    }
+}

@@ -1,0 +1,190 @@
+//! The route table: host, method and path matching, built once per config generation.
+//! Routes are tried in file order; the first match wins.
+
+use crate::limiter::Limit;
+use crate::upstream::Upstream;
+use regex::Regex;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub enum PathMatch {
+    Any,
+    Exact(String),
+    Prefix(String),
+    Regex(Regex),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `api.example.com`
+    Exact(String),
+    /// `*.example.com`, stored as `.example.com`
+    Suffix(String),
+}
+
+impl HostMatch {
+    pub fn parse(text: &str) -> HostMatch {
+        let lower = text.trim().to_ascii_lowercase();
+        match lower.strip_prefix('*') {
+            Some(suffix) => HostMatch::Suffix(suffix.to_string()),
+            None => HostMatch::Exact(lower),
+        }
+    }
+
+    fn matches(&self, host: Option<&str>) -> bool {
+        match (self, host) {
+            (HostMatch::Exact(want), Some(h)) => want == h,
+            (HostMatch::Suffix(suffix), Some(h)) => h.len() > suffix.len() && h.ends_with(suffix),
+            (_, None) => false,
+        }
+    }
+}
+
+/// Which requests a route takes.
+#[derive(Debug)]
+pub struct RouteMatch {
+    pub host: Option<HostMatch>,
+    pub path: PathMatch,
+    pub methods: Option<Vec<http::Method>>,
+}
+
+impl RouteMatch {
+    pub fn matches(&self, method: &http::Method, host: Option<&str>, path: &str) -> bool {
+        if let Some(methods) = &self.methods {
+            if !methods.contains(method) {
+                return false;
+            }
+        }
+        if let Some(h) = &self.host {
+            if !h.matches(host) {
+                return false;
+            }
+        }
+        match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Exact(p) => p == path,
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
+/// Which headers a route's responses carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderFlags {
+    pub legacy: bool,
+    pub ietf: bool,
+}
+
+/// A validated route.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    pub matcher: RouteMatch,
+    pub upstream: Arc<Upstream>,
+    pub shadow: bool,
+    pub limits: Vec<Limit>,
+    pub headers: HeaderFlags,
+}
+
+impl Route {
+    /// Named captures of the route's path regex, when a limit needs `path_param:` values.
+    pub fn captures<'p>(&self, path: &'p str) -> Option<regex::Captures<'p>> {
+        match &self.matcher.path {
+            PathMatch::Regex(r) => r.captures(path),
+            _ => None,
+        }
+    }
+
+    pub fn needs_captures(&self) -> bool {
+        self.limits
+            .iter()
+            .any(|l| l.key.path_params().next().is_some())
+    }
+}
+
+/// Routes in file order.
+#[derive(Debug, Default)]
+pub struct Router {
+    routes: Vec<Arc<Route>>,
+}
+
+impl Router {
+    pub fn new(routes: Vec<Arc<Route>>) -> Self {
+        Router { routes }
+    }
+
+    /// The first route that takes this request.
+    pub fn find(&self, method: &http::Method, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+        self.routes
+            .iter()
+            .find(|r| r.matcher.matches(method, host, path))
+    }
+
+    pub fn routes(&self) -> &[Arc<Route>] {
+        &self.routes
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Route>> {
+        self.routes.iter().find(|r| &*r.name == name)
+    }
+}
+
+/// The request's host: the Host header (or URI authority), lower-cased, without port.
+pub fn normalize_host(raw: &str) -> String {
+    let raw = raw.trim();
+    let without_port = if let Some(rest) = raw.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or(rest)
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => raw,
+        }
+    };
+    without_port.to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(host: Option<&str>, path: PathMatch, methods: Option<&[&str]>) -> RouteMatch {
+        RouteMatch {
+            host: host.map(HostMatch::parse),
+            path,
+            methods: methods.map(|ms| {
+                ms.iter()
+                    .map(|s| s.parse().unwrap_or_else(|e| panic!("{e}")))
+                    .collect()
+            }),
+        }
+    }
+
+    #[test]
+    fn path_host_and_method_matching() {
+        let get = http::Method::GET;
+        let post = http::Method::POST;
+        let exact = m(None, PathMatch::Exact("/a".into()), None);
+        assert!(exact.matches(&get, None, "/a"));
+        assert!(!exact.matches(&get, None, "/a/b"));
+        let prefix = m(None, PathMatch::Prefix("/api/".into()), Some(&["POST"]));
+        assert!(prefix.matches(&post, None, "/api/x"));
+        assert!(!prefix.matches(&get, None, "/api/x"));
+        let re = Regex::new(r"^/users/(?P<id>\d+)$").unwrap_or_else(|e| panic!("{e}"));
+        let regex = m(Some("*.example.com"), PathMatch::Regex(re), None);
+        assert!(regex.matches(&get, Some("api.example.com"), "/users/42"));
+        assert!(!regex.matches(&get, Some("example.com"), "/users/42"));
+        assert!(!regex.matches(&get, Some("api.example.com"), "/users/x"));
+        let host = m(Some("API.example.com"), PathMatch::Any, None);
+        assert!(host.matches(&get, Some("api.example.com"), "/"));
+        assert!(!host.matches(&get, None, "/"));
+    }
+
+    #[test]
+    fn hosts_lose_port_and_case() {
+        assert_eq!(normalize_host("API.Example.com:8080"), "api.example.com");
+        assert_eq!(normalize_host("[::1]:80"), "::1");
+        assert_eq!(normalize_host("localhost"), "localhost");
+    }
+}

@@ -1,0 +1,187 @@
+//! Server assembly and lifecycle: builds the store, metrics and shared state, wires the Pingora
+//! services (proxy, admin, optional demo upstream, SIGHUP reloader), and runs them until
+//! SIGTERM/SIGINT, then drains in-flight requests (bounded by `server.drain_timeout_ms`).
+
+use crate::admin::AdminApp;
+use crate::config::model::StoreKindConfig;
+use crate::config::Config;
+use crate::demo::DemoUpstream;
+use crate::limiter::clock::MonotonicClock;
+use crate::limiter::memory::MemoryStore;
+use crate::limiter::Store;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+use crate::state::Shared;
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{
+    ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
+};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("store.kind redis is not available in this build yet; use store.kind: memory")]
+    RedisUnavailable,
+    #[error("{0}")]
+    Metrics(String),
+}
+
+/// What to run.
+pub struct RunOptions {
+    pub config: Config,
+    /// Where the config came from (reloaded on SIGHUP); none for the embedded demo.
+    pub config_path: Option<PathBuf>,
+    /// Also serve the built-in demo upstream on this address.
+    pub demo_upstream: Option<SocketAddr>,
+}
+
+/// Builds the shared state for a config: store, metrics.
+pub fn build_shared(
+    config: Config,
+    config_path: Option<PathBuf>,
+) -> Result<Arc<Shared>, ServerError> {
+    let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
+    let (store, memory): (Arc<dyn Store>, Option<Arc<MemoryStore>>) = match config.store.kind {
+        StoreKindConfig::Memory => {
+            let memory = Arc::new(MemoryStore::new(
+                usize::try_from(config.store.max_buckets).unwrap_or(usize::MAX),
+                Arc::new(MonotonicClock::new()),
+            ));
+            (memory.clone(), Some(memory))
+        }
+        StoreKindConfig::Redis => return Err(ServerError::RedisUnavailable),
+    };
+    Ok(Shared::new(config, store, memory, metrics, config_path))
+}
+
+/// Runs the gateway until SIGTERM/SIGINT. Returns after the drain.
+pub fn run(opts: RunOptions) -> Result<(), ServerError> {
+    let listen = opts.config.listen.clone();
+    let admin_listen = opts.config.admin.listen;
+    let settings = opts.config.server;
+    let shared = build_shared(opts.config, opts.config_path)?;
+
+    let threads = match settings.threads {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let conf = ServerConf {
+        threads,
+        // Pingora sleeps the whole grace period; the drain watcher below exits as soon as the
+        // last in-flight request is done, so this is only the upper bound.
+        grace_period_seconds: Some(settings.drain_timeout.as_secs().max(1)),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(shared.clone()));
+    for addr in &listen {
+        proxy.add_tcp(&addr.to_string());
+    }
+    let mut admin = Service::new("tollgate admin".to_string(), AdminApp::new(shared.clone()));
+    admin.add_tcp(&admin_listen.to_string());
+    server.add_service(proxy);
+    server.add_service(admin);
+    if let Some(addr) = opts.demo_upstream {
+        let mut demo = Service::new("tollgate demo upstream".to_string(), DemoUpstream);
+        demo.add_tcp(&addr.to_string());
+        server.add_service(demo);
+    }
+    server.add_service(background_service(
+        "config reload on SIGHUP",
+        SighupReloader {
+            shared: shared.clone(),
+        },
+    ));
+
+    spawn_drain_watcher(&server, shared.clone(), settings.drain_timeout);
+    tracing::info!(?listen, admin = %admin_listen, "tollgate starting");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(TermSignals),
+    });
+    tracing::info!("tollgate stopped");
+    Ok(())
+}
+
+/// SIGTERM and SIGINT both stop gracefully (stop accepting, drain, exit 0).
+struct TermSignals;
+
+#[async_trait]
+impl ShutdownSignalWatch for TermSignals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; waiting forever");
+            std::future::pending::<()>().await;
+            return ShutdownSignal::FastShutdown;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// Once Pingora has stopped accepting, exit as soon as no request is in flight (or when the
+/// drain timeout passes, whichever is first), instead of sleeping the whole grace period.
+fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) {
+    let mut phases = server.watch_execution_phase();
+    std::thread::spawn(move || loop {
+        match phases.blocking_recv() {
+            Ok(ExecutionPhase::GracefulTerminate) => {
+                let start = Instant::now();
+                while shared.in_flight() > 0 && start.elapsed() < timeout {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let left = shared.in_flight();
+                if left > 0 {
+                    tracing::warn!(left, "drain timeout passed with requests in flight");
+                } else {
+                    tracing::info!(elapsed_ms = start.elapsed().as_millis() as u64, "drained");
+                }
+                // Responses are written before a request leaves the in-flight count.
+                std::process::exit(0);
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    });
+}
+
+/// Reloads the config file on SIGHUP.
+struct SighupReloader {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for SighupReloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::error!("cannot install the SIGHUP handler; reload on SIGHUP is off");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading config");
+                    let _ = self.shared.reload();
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
