@@ -2,6 +2,7 @@
 //! server. Everything else lives in the library so tests build the same gateway.
 
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tollgate::{config, demo, server};
@@ -46,6 +47,7 @@ fn init_logging(json: bool) {
             .unwrap_or(false);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -143,8 +143,12 @@ fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) 
         match phases.blocking_recv() {
             Ok(ExecutionPhase::GracefulTerminate) => {
                 let start = Instant::now();
-                while shared.in_flight() > 0 && start.elapsed() < timeout {
-                    std::thread::sleep(Duration::from_millis(10));
+                // Idle twice in a row, 50 ms apart: a request whose header was still being read
+                // at the first look is counted by the second.
+                let mut idle_looks = 0;
+                while idle_looks < 2 && start.elapsed() < timeout {
+                    std::thread::sleep(Duration::from_millis(50));
+                    idle_looks = if shared.in_flight() == 0 { idle_looks + 1 } else { 0 };
                 }
                 let left = shared.in_flight();
                 if left > 0 {

@@ -186,7 +186,17 @@ impl ProxyHttp for Gateway {
         upstream_request: &mut RequestHeader,
         _ctx: &mut Ctx,
     ) -> Result<()> {
-        upstream_request.append_header("X-Forwarded-For", peer_ip(session).to_string())?;
+        // Like NGINX's $proxy_add_x_forwarded_for: the hops received, then the direct peer,
+        // folded into one header line.
+        let mut chain = String::new();
+        for value in upstream_request.headers.get_all("x-forwarded-for") {
+            if let Ok(text) = value.to_str() {
+                chain.push_str(text);
+                chain.push_str(", ");
+            }
+        }
+        chain.push_str(&peer_ip(session).to_string());
+        upstream_request.insert_header("X-Forwarded-For", chain)?;
         Ok(())
     }
 

@@ -1,0 +1,245 @@
+//! Test helpers: free loopback ports, a real HTTP upstream on loopback, and the real
+//! `tollgate` binary run as a child process with a config written to a temp dir.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .expect("bind :0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Waits for `cond` with a deadline; panics with `what` if it never holds.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn serve(std_listener: StdListener, counter: Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let counter = counter.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let query = req.uri().query().unwrap_or("").to_string();
+                    if req.uri().path() == "/slow" {
+                        let ms: u64 = query
+                            .strip_prefix("ms=")
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(1000);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    let xff = req
+                        .headers()
+                        .get("x-forwarded-for")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
+                    let body = serde_json::json!({
+                        "method": req.method().as_str(),
+                        "path": req.uri().path(),
+                        "xff": xff,
+                    })
+                    .to_string();
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body))))
+                }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+/// A real HTTP/1.1 server on loopback. `GET /slow?ms=N` answers after N ms; everything else
+/// answers 200 at once with a JSON echo of the method, path and X-Forwarded-For it received.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    /// Starts the server on its own thread and runtime (so it works from sync and async tests).
+    pub fn start() -> Upstream {
+        let std_listener = StdListener::bind("127.0.0.1:0").expect("bind upstream");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(serve(std_listener, counter));
+        });
+        Upstream { addr, hits }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tollgate"))
+}
+
+/// The gateway binary running a config; killed on drop if still running.
+pub struct Gateway {
+    pub child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Gateway {
+    /// Starts the gateway on `yaml`, in which `{PROXY}`, `{ADMIN}` and `{UPSTREAM}` are replaced
+    /// by free proxy and admin ports and the given upstream address. Waits for `/ready`.
+    pub async fn start(yaml: &str, upstream: SocketAddr) -> Gateway {
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = yaml
+            .replace("{PROXY}", &proxy.to_string())
+            .replace("{ADMIN}", &admin.to_string())
+            .replace("{UPSTREAM}", &upstream.to_string());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, text).expect("write config");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        let child = Command::new(bin())
+            .arg("--config")
+            .arg(&config_path)
+            .env("RUST_LOG", "info")
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tollgate");
+        let gw = Gateway {
+            child,
+            proxy,
+            admin,
+            dir,
+            config_path,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/ready", self.admin);
+        let proxy = self.proxy;
+        wait_until("gateway /ready", Duration::from_secs(20), || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let admin_ok = matches!(client.get(&url).send().await, Ok(r) if r.status() == 200);
+                admin_ok && tokio::net::TcpStream::connect(proxy).await.is_ok()
+            }
+        })
+        .await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.proxy, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(self.dir.path().join("gateway.log")) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Value of a metric series whose line starts with `prefix` (name and labels), if exported.
+    pub async fn metric(&self, prefix: &str) -> Option<f64> {
+        let text = reqwest::get(self.admin_url("/metrics"))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client that connects from a given loopback source address (127.0.0.x are all local).
+pub fn client_from(source: &str) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(source.parse::<std::net::IpAddr>().ok())
+        .build()
+        .expect("client")
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+pub fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}

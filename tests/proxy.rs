@@ -1,0 +1,458 @@
+//! The gateway binary in front of a real loopback upstream: allowed and limited responses,
+//! contract headers, per-key isolation, all-or-nothing, shadow mode, upstream failures.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{client, client_from, header, Gateway, Upstream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+
+const HEAD: &str = r#"
+listen: ["{PROXY}"]
+admin: { listen: "{ADMIN}" }
+upstreams:
+  app: { targets: ["{UPSTREAM}"], connect_timeout_ms: 500, read_timeout_ms: 2000 }
+"#;
+
+async fn gateway(routes: &str, upstream: &Upstream) -> Gateway {
+    Gateway::start(&format!("{HEAD}{routes}"), upstream.addr).await
+}
+
+#[tokio::test]
+async fn allows_then_limits_with_contract_headers() {
+    let up = Upstream::start();
+    let gw = gateway(
+        r#"
+routes:
+  - name: login
+    match: { path_prefix: "/login" }
+    upstream: app
+    limits:
+      - { name: per-ip, key: ["ip"], rate: "2/m", burst: 2 }
+"#,
+        &up,
+    )
+    .await;
+    let c = client();
+    let first = c.get(gw.url("/login")).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "x-ratelimit-limit"), "2");
+    assert_eq!(header(&first, "x-ratelimit-remaining"), "1");
+    assert_eq!(header(&first, "x-ratelimit-reset"), "30");
+    assert_eq!(header(&first, "ratelimit-policy"), r#""per-ip";q=2;w=60"#);
+    assert_eq!(header(&first, "ratelimit"), r#""per-ip";r=1;t=30"#);
+    let second = c.get(gw.url("/login")).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(header(&second, "x-ratelimit-remaining"), "0");
+    assert_eq!(header(&second, "x-ratelimit-reset"), "60");
+
+    let denied = c.get(gw.url("/login")).send().await.unwrap();
+    assert_eq!(denied.status(), 429);
+    assert_eq!(header(&denied, "content-type"), "application/problem+json");
+    assert_eq!(header(&denied, "retry-after"), "30");
+    assert_eq!(header(&denied, "x-ratelimit-remaining"), "0");
+    assert_eq!(header(&denied, "ratelimit"), r#""per-ip";r=0;t=30"#);
+    let body: serde_json::Value = denied.json().await.unwrap();
+    assert_eq!(
+        body["type"],
+        "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    );
+    assert_eq!(body["title"], "Too Many Requests");
+    assert_eq!(body["status"], 429);
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["violated-policies"], serde_json::json!(["per-ip"]));
+    assert_eq!(body["route"], "login");
+    let retry_ms = body["retry_after_ms"].as_u64().unwrap();
+    assert!((29_000..=30_000).contains(&retry_ms), "{retry_ms}");
+    assert_eq!(up.hits(), 2, "the denied request never reached the upstream");
+
+    assert_eq!(
+        gw.metric(r#"tollgate_requests_total{decision="allowed",route="login"}"#)
+            .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        gw.metric(r#"tollgate_requests_total{decision="limited",route="login"}"#)
+            .await,
+        Some(1.0)
+    );
+}
+
+/// Sends one request on an open connection and reads the whole response; returns the status.
+fn raw_get(reader: &mut BufReader<TcpStream>, path: &str) -> u16 {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+    reader.get_mut().write_all(request.as_bytes()).unwrap();
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        let lower = line.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap();
+        }
+        assert!(!lower.starts_with("connection: close"), "connection closed");
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    status
+}
+
+#[tokio::test]
+async fn a_429_keeps_the_connection_alive() {
+    let up = Upstream::start();
+    let gw = gateway(
+        r#"
+routes:
+  - name: r
+    upstream: app
+    limits:
+      - { name: one, key: ["ip"], rate: "1/m", burst: 1 }
+"#,
+        &up,
+    )
+    .await;
+    let proxy = gw.proxy;
+    let statuses = tokio::task::spawn_blocking(move || {
+        let stream = TcpStream::connect(proxy).unwrap();
+        let mut reader = BufReader::new(stream);
+        (0..4).map(|_| raw_get(&mut reader, "/x")).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, [200, 429, 429, 429]);
+}
+
+#[tokio::test]
+async fn each_key_part_isolates_buckets() {
+    let up = Upstream::start();
+    let gw = gateway(
+        r#"
+routes:
+  - { name: ip, match: { path: "/ip" }, upstream: app, limits: [ { name: l, key: ["ip"], rate: "1/m", burst: 1 } ] }
+  - { name: header, match: { path: "/header" }, upstream: app, limits: [ { name: l, key: ["header:x-api-key"], rate: "1/m", burst: 1 } ] }
+  - { name: query, match: { path: "/query" }, upstream: app, limits: [ { name: l, key: ["query:user"], rate: "1/m", burst: 1 } ] }
+  - { name: path, match: { path_prefix: "/path/" }, upstream: app, limits: [ { name: l, key: ["path"], rate: "1/m", burst: 1 } ] }
+  - { name: param, match: { path_regex: "^/users/(?P<id>[^/]+)/orders$" }, upstream: app, limits: [ { name: l, key: ["path_param:id"], rate: "1/m", burst: 1 } ] }
+  - { name: method, match: { path: "/method" }, upstream: app, limits: [ { name: l, key: ["method"], rate: "1/m", burst: 1 } ] }
+  - { name: host, match: { path: "/host" }, upstream: app, limits: [ { name: l, key: ["host"], rate: "1/m", burst: 1 } ] }
+  - { name: composite, match: { path: "/composite" }, upstream: app, limits: [ { name: l, key: ["header:x-tenant", "ip"], rate: "1/m", burst: 1 } ] }
+  - { name: alt, match: { path: "/alt" }, upstream: app, limits: [ { name: l, key: ["header:x-api-key|ip"], rate: "1/m", burst: 1 } ] }
+  - { name: literal, match: { path: "/literal" }, upstream: app, limits: [ { name: l, key: ["literal:everyone"], rate: "1/m", burst: 1 } ] }
+"#,
+        &up,
+    )
+    .await;
+    let one = client_from("127.0.0.1");
+    let two = client_from("127.0.0.2");
+    let get = |c: &reqwest::Client, path: &str| c.get(gw.url(path));
+
+    // (name, request with value A, request with value B): A twice is limited, B is not.
+    let cases: Vec<(&str, reqwest::RequestBuilder, reqwest::RequestBuilder)> = vec![
+        ("ip", get(&one, "/ip"), get(&two, "/ip")),
+        (
+            "header",
+            get(&one, "/header").header("x-api-key", "alice"),
+            get(&one, "/header").header("x-api-key", "bob"),
+        ),
+        ("query", get(&one, "/query?user=alice"), get(&one, "/query?user=bob")),
+        ("path", get(&one, "/path/a"), get(&one, "/path/b")),
+        ("path_param", get(&one, "/users/1/orders"), get(&one, "/users/2/orders")),
+        ("method", get(&one, "/method"), one.post(gw.url("/method"))),
+        (
+            "host",
+            get(&one, "/host").header("host", "a.example"),
+            get(&one, "/host").header("host", "b.example"),
+        ),
+        (
+            "composite",
+            get(&one, "/composite").header("x-tenant", "t1"),
+            get(&two, "/composite").header("x-tenant", "t1"),
+        ),
+        (
+            "alternatives",
+            get(&one, "/alt").header("x-api-key", "k1"),
+            get(&one, "/alt"),
+        ),
+    ];
+    for (name, a, b) in cases {
+        let a2 = a.try_clone().unwrap();
+        assert_eq!(a.send().await.unwrap().status(), 200, "{name}: first A");
+        assert_eq!(a2.send().await.unwrap().status(), 429, "{name}: second A");
+        assert_eq!(b.send().await.unwrap().status(), 200, "{name}: B has its own bucket");
+    }
+    // A literal key is one bucket for everyone.
+    assert_eq!(get(&one, "/literal").send().await.unwrap().status(), 200);
+    assert_eq!(get(&two, "/literal").send().await.unwrap().status(), 429);
+}
+
+#[tokio::test]
+async fn forwarded_for_is_trusted_only_from_trusted_proxies() {
+    let up = Upstream::start();
+    let gw = Gateway::start(
+        r#"
+listen: ["{PROXY}"]
+admin: { listen: "{ADMIN}" }
+client_ip: { trusted_proxies: ["127.0.0.1/32"] }
+upstreams: { app: { targets: ["{UPSTREAM}"] } }
+routes:
+  - { name: r, upstream: app, limits: [ { name: per-ip, key: ["ip"], rate: "1/m", burst: 1 } ] }
+"#,
+        up.addr,
+    )
+    .await;
+    let trusted = client_from("127.0.0.1");
+    let untrusted = client_from("127.0.0.2");
+    let status = |c: &reqwest::Client, xff: &str| {
+        let req = c.get(gw.url("/")).header("x-forwarded-for", xff);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // From a trusted proxy the rightmost untrusted hop is the client.
+    assert_eq!(status(&trusted, "9.9.9.9").await, 200);
+    assert_eq!(status(&trusted, "9.9.9.9").await, 429);
+    assert_eq!(status(&trusted, "8.8.8.8").await, 200);
+    // A client cannot escape its bucket by prepending a fake hop: 8.8.8.8 is still rightmost.
+    assert_eq!(status(&trusted, "1.2.3.4, 8.8.8.8").await, 429);
+    // Trusted hops are skipped.
+    assert_eq!(status(&trusted, "7.7.7.7, 127.0.0.1").await, 200);
+    assert_eq!(status(&trusted, "7.7.7.7").await, 429);
+    // From an untrusted peer the header is ignored: the peer address is the key.
+    assert_eq!(status(&untrusted, "5.5.5.5").await, 200);
+    assert_eq!(status(&untrusted, "6.6.6.6").await, 429);
+
+    // The upstream sees the hop appended.
+    let body: serde_json::Value = client()
+        .get(gw.url("/"))
+        .header("x-forwarded-for", "3.3.3.3")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["xff"], "3.3.3.3, 127.0.0.1");
+}
+
+#[tokio::test]
+async fn several_limits_are_all_or_nothing() {
+    let up = Upstream::start();
+    let gw = gateway(
+        r#"
+routes:
+  - name: r
+    upstream: app
+    limits:
+      - { name: global, key: ["literal:all"], rate: "3/m", burst: 3 }
+      - { name: per-user, key: ["header:x-user"], rate: "1/m", burst: 1 }
+"#,
+        &up,
+    )
+    .await;
+    let c = client();
+    let as_user = |u: &str| c.get(gw.url("/")).header("x-user", u).send();
+    assert_eq!(as_user("u1").await.unwrap().status(), 200);
+    let denied = as_user("u1").await.unwrap();
+    assert_eq!(denied.status(), 429);
+    assert_eq!(
+        header(&denied, "ratelimit-policy"),
+        r#""global";q=3;w=60, "per-user";q=1;w=60"#
+    );
+    let body: serde_json::Value = denied.json().await.unwrap();
+    assert_eq!(body["violated-policies"], serde_json::json!(["per-user"]));
+    // Had the denial charged `global`, u3 would be refused.
+    assert_eq!(as_user("u2").await.unwrap().status(), 200);
+    assert_eq!(as_user("u3").await.unwrap().status(), 200);
+    let exhausted = as_user("u4").await.unwrap();
+    assert_eq!(exhausted.status(), 429);
+    let body: serde_json::Value = exhausted.json().await.unwrap();
+    assert_eq!(body["violated-policies"], serde_json::json!(["global"]));
+    assert_eq!(up.hits(), 3);
+}
+
+#[tokio::test]
+async fn shadow_mode_counts_but_never_blocks() {
+    let up = Upstream::start();
+    let gw = gateway(
+        r#"
+routes:
+  - name: shadowed
+    upstream: app
+    shadow: true
+    limits:
+      - { name: l, key: ["ip"], rate: "1/m", burst: 1 }
+"#,
+        &up,
+    )
+    .await;
+    for _ in 0..5 {
+        let resp = client().get(gw.url("/")).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().get("ratelimit").is_none());
+    }
+    assert_eq!(up.hits(), 5);
+    assert_eq!(
+        gw.metric(r#"tollgate_requests_total{decision="shadow_limited",route="shadowed"}"#)
+            .await,
+        Some(4.0)
+    );
+}
+
+#[tokio::test]
+async fn overrides_missing_keys_and_cost() {
+    let up = Upstream::start();
+    let gw = gateway(
+        r#"
+routes:
+  - name: keyed
+    match: { path: "/keyed" }
+    upstream: app
+    limits:
+      - name: per-key
+        key: ["header:x-api-key"]
+        rate: "1/m"
+        burst: 1
+        on_missing_key: deny
+        overrides: { "premium": { burst: 3 } }
+  - name: skip
+    match: { path: "/skip" }
+    upstream: app
+    limits: [ { name: l, key: ["header:x-api-key"], rate: "1/m", burst: 1 } ]
+  - name: anon
+    match: { path: "/anon" }
+    upstream: app
+    limits: [ { name: l, key: ["header:x-api-key"], rate: "1/m", burst: 1, on_missing_key: anonymous } ]
+  - name: cost
+    match: { path: "/cost" }
+    upstream: app
+    limits: [ { name: l, key: ["ip"], rate: "5/m", burst: 5, cost_header: "X-Cost" } ]
+"#,
+        &up,
+    )
+    .await;
+    let c = client();
+    let st = |req: reqwest::RequestBuilder| async move { req.send().await.unwrap().status() };
+    for _ in 0..3 {
+        assert_eq!(st(c.get(gw.url("/keyed")).header("x-api-key", "premium")).await, 200);
+    }
+    assert_eq!(st(c.get(gw.url("/keyed")).header("x-api-key", "premium")).await, 429);
+    assert_eq!(st(c.get(gw.url("/keyed")).header("x-api-key", "basic")).await, 200);
+    assert_eq!(st(c.get(gw.url("/keyed")).header("x-api-key", "basic")).await, 429);
+    let missing = c.get(gw.url("/keyed")).send().await.unwrap();
+    assert_eq!(missing.status(), 429, "on_missing_key: deny");
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(body["violated-policies"], serde_json::json!(["per-key"]));
+
+    for _ in 0..3 {
+        assert_eq!(st(c.get(gw.url("/skip"))).await, 200, "on_missing_key: skip");
+    }
+    assert_eq!(st(c.get(gw.url("/anon"))).await, 200);
+    assert_eq!(st(c.get(gw.url("/anon"))).await, 429, "anonymous share a bucket");
+
+    let heavy = c.get(gw.url("/cost")).header("x-cost", "4").send().await.unwrap();
+    assert_eq!(heavy.status(), 200);
+    assert_eq!(header(&heavy, "x-ratelimit-remaining"), "1");
+    assert_eq!(st(c.get(gw.url("/cost")).header("x-cost", "2")).await, 429);
+    assert_eq!(st(c.get(gw.url("/cost"))).await, 200, "default cost 1 fits");
+}
+
+#[tokio::test]
+async fn no_route_unreachable_and_slow_upstreams() {
+    let up = Upstream::start();
+    let dead = common::free_port();
+    let gw = Gateway::start(
+        &format!(
+            r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+upstreams:
+  app: {{ targets: ["{{UPSTREAM}}"], read_timeout_ms: 300 }}
+  dead: {{ targets: ["127.0.0.1:{dead}"], connect_timeout_ms: 300 }}
+  mixed: {{ targets: ["127.0.0.1:{dead}", "{{UPSTREAM}}"] }}
+routes:
+  - {{ name: slow, match: {{ path: "/slow" }}, upstream: app }}
+  - {{ name: dead, match: {{ path: "/dead" }}, upstream: dead }}
+  - {{ name: mixed, match: {{ path: "/mixed" }}, upstream: mixed }}
+  - {{ name: ok, match: {{ path: "/ok", methods: ["GET"] }}, upstream: app }}
+"#
+        ),
+        up.addr,
+    )
+    .await;
+    let c = client();
+    let nf = c.get(gw.url("/nowhere")).send().await.unwrap();
+    assert_eq!(nf.status(), 404);
+    assert_eq!(header(&nf, "content-type"), "application/problem+json");
+    assert_eq!(c.post(gw.url("/ok")).send().await.unwrap().status(), 404);
+    assert_eq!(c.get(gw.url("/ok")).send().await.unwrap().status(), 200);
+    assert_eq!(c.get(gw.url("/dead")).send().await.unwrap().status(), 502);
+    assert_eq!(
+        c.get(gw.url("/slow?ms=3000")).send().await.unwrap().status(),
+        504
+    );
+    for _ in 0..4 {
+        assert_eq!(
+            c.get(gw.url("/mixed")).send().await.unwrap().status(),
+            200,
+            "a dead target is skipped for the next one"
+        );
+    }
+    assert_eq!(
+        gw.metric(r#"tollgate_requests_total{decision="no_route",route=""}"#)
+            .await,
+        Some(2.0)
+    );
+    assert!(
+        gw.metric(r#"tollgate_upstream_responses_total{class="error",route="dead"}"#)
+            .await
+            >= Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_flood_of_distinct_keys_keeps_memory_bounded() {
+    let up = Upstream::start();
+    let gw = Gateway::start(
+        r#"
+listen: ["{PROXY}"]
+admin: { listen: "{ADMIN}" }
+store: { kind: memory, memory: { max_buckets: 640 } }
+upstreams: { app: { targets: ["{UPSTREAM}"] } }
+routes:
+  - { name: r, upstream: app, limits: [ { name: l, key: ["header:x-k"], rate: "1/h", burst: 5 } ] }
+"#,
+        up.addr,
+    )
+    .await;
+    let c = client();
+    for i in 0..2000 {
+        let resp = c
+            .get(gw.url("/"))
+            .header("x-k", format!("key-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let held = gw
+        .metric(r#"tollgate_memory_buckets{state="held"}"#)
+        .await
+        .unwrap();
+    assert!(held <= 640.0, "{held} buckets held, bound 640");
+    assert!(held >= 320.0, "{held}: eviction should not wipe the store");
+    assert!(
+        gw.metric(r#"tollgate_memory_buckets{state="evicted_total"}"#)
+            .await
+            .unwrap()
+            > 0.0
+    );
+}
