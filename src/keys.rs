@@ -170,15 +170,13 @@ fn append_source(
             append_normalized(req.path.as_bytes(), out);
             true
         }
-        KeySource::PathParam(name) => {
-            match req.path_params.and_then(|c| c.name(name)) {
-                Some(m) if !m.as_str().is_empty() => {
-                    append_normalized(m.as_str().as_bytes(), out);
-                    true
-                }
-                _ => false,
+        KeySource::PathParam(name) => match req.path_params.and_then(|c| c.name(name)) {
+            Some(m) if !m.as_str().is_empty() => {
+                append_normalized(m.as_str().as_bytes(), out);
+                true
             }
-        }
+            _ => false,
+        },
         KeySource::Method => {
             append_normalized(req.method.as_bytes(), out);
             true
@@ -401,7 +399,13 @@ mod tests {
         let mut out = String::new();
         append_normalized(b"plain-key_1.x", &mut out);
         assert_eq!(out, "plain-key_1.x");
-        for odd in [&b"has space"[..], b"{tag}", b"a|b", &[0xff, 0x00], &[b'a'; 65]] {
+        for odd in [
+            &b"has space"[..],
+            b"{tag}",
+            b"a|b",
+            &[0xff, 0x00],
+            &[b'a'; 65],
+        ] {
             let mut out = String::new();
             append_normalized(odd, &mut out);
             assert!(out.starts_with('#') && out.len() == 33, "{out}");

@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use tollgate::{config, demo, server};
 
 #[derive(Parser)]
-#[command(name = "tollgate", version, about = "Rate-limiting reverse proxy on Pingora")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Rate-limiting reverse proxy on Pingora"
+)]
 struct Cli {
     /// Config file to run (also TOLLGATE_CONFIG).
     #[arg(long, env = "TOLLGATE_CONFIG")]

@@ -115,7 +115,12 @@ impl Router {
     }
 
     /// The first route that takes this request.
-    pub fn find(&self, method: &http::Method, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
+    pub fn find(
+        &self,
+        method: &http::Method,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<&Arc<Route>> {
         self.routes
             .iter()
             .find(|r| r.matcher.matches(method, host, path))

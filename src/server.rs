@@ -148,7 +148,11 @@ fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) 
                 let mut idle_looks = 0;
                 while idle_looks < 2 && start.elapsed() < timeout {
                     std::thread::sleep(Duration::from_millis(50));
-                    idle_looks = if shared.in_flight() == 0 { idle_looks + 1 } else { 0 };
+                    idle_looks = if shared.in_flight() == 0 {
+                        idle_looks + 1
+                    } else {
+                        0
+                    };
                 }
                 let left = shared.in_flight();
                 if left > 0 {

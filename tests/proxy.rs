@@ -65,7 +65,11 @@ routes:
     assert_eq!(body["route"], "login");
     let retry_ms = body["retry_after_ms"].as_u64().unwrap();
     assert!((29_000..=30_000).contains(&retry_ms), "{retry_ms}");
-    assert_eq!(up.hits(), 2, "the denied request never reached the upstream");
+    assert_eq!(
+        up.hits(),
+        2,
+        "the denied request never reached the upstream"
+    );
 
     assert_eq!(
         gw.metric(r#"tollgate_requests_total{decision="allowed",route="login"}"#)
@@ -126,7 +130,9 @@ routes:
     let statuses = tokio::task::spawn_blocking(move || {
         let stream = TcpStream::connect(proxy).unwrap();
         let mut reader = BufReader::new(stream);
-        (0..4).map(|_| raw_get(&mut reader, "/x")).collect::<Vec<_>>()
+        (0..4)
+            .map(|_| raw_get(&mut reader, "/x"))
+            .collect::<Vec<_>>()
     })
     .await
     .unwrap();
@@ -165,9 +171,17 @@ routes:
             get(&one, "/header").header("x-api-key", "alice"),
             get(&one, "/header").header("x-api-key", "bob"),
         ),
-        ("query", get(&one, "/query?user=alice"), get(&one, "/query?user=bob")),
+        (
+            "query",
+            get(&one, "/query?user=alice"),
+            get(&one, "/query?user=bob"),
+        ),
         ("path", get(&one, "/path/a"), get(&one, "/path/b")),
-        ("path_param", get(&one, "/users/1/orders"), get(&one, "/users/2/orders")),
+        (
+            "path_param",
+            get(&one, "/users/1/orders"),
+            get(&one, "/users/2/orders"),
+        ),
         ("method", get(&one, "/method"), one.post(gw.url("/method"))),
         (
             "host",
@@ -189,7 +203,11 @@ routes:
         let a2 = a.try_clone().unwrap();
         assert_eq!(a.send().await.unwrap().status(), 200, "{name}: first A");
         assert_eq!(a2.send().await.unwrap().status(), 429, "{name}: second A");
-        assert_eq!(b.send().await.unwrap().status(), 200, "{name}: B has its own bucket");
+        assert_eq!(
+            b.send().await.unwrap().status(),
+            200,
+            "{name}: B has its own bucket"
+        );
     }
     // A literal key is one bucket for everyone.
     assert_eq!(get(&one, "/literal").send().await.unwrap().status(), 200);
@@ -342,23 +360,48 @@ routes:
     let c = client();
     let st = |req: reqwest::RequestBuilder| async move { req.send().await.unwrap().status() };
     for _ in 0..3 {
-        assert_eq!(st(c.get(gw.url("/keyed")).header("x-api-key", "premium")).await, 200);
+        assert_eq!(
+            st(c.get(gw.url("/keyed")).header("x-api-key", "premium")).await,
+            200
+        );
     }
-    assert_eq!(st(c.get(gw.url("/keyed")).header("x-api-key", "premium")).await, 429);
-    assert_eq!(st(c.get(gw.url("/keyed")).header("x-api-key", "basic")).await, 200);
-    assert_eq!(st(c.get(gw.url("/keyed")).header("x-api-key", "basic")).await, 429);
+    assert_eq!(
+        st(c.get(gw.url("/keyed")).header("x-api-key", "premium")).await,
+        429
+    );
+    assert_eq!(
+        st(c.get(gw.url("/keyed")).header("x-api-key", "basic")).await,
+        200
+    );
+    assert_eq!(
+        st(c.get(gw.url("/keyed")).header("x-api-key", "basic")).await,
+        429
+    );
     let missing = c.get(gw.url("/keyed")).send().await.unwrap();
     assert_eq!(missing.status(), 429, "on_missing_key: deny");
     let body: serde_json::Value = missing.json().await.unwrap();
     assert_eq!(body["violated-policies"], serde_json::json!(["per-key"]));
 
     for _ in 0..3 {
-        assert_eq!(st(c.get(gw.url("/skip"))).await, 200, "on_missing_key: skip");
+        assert_eq!(
+            st(c.get(gw.url("/skip"))).await,
+            200,
+            "on_missing_key: skip"
+        );
     }
     assert_eq!(st(c.get(gw.url("/anon"))).await, 200);
-    assert_eq!(st(c.get(gw.url("/anon"))).await, 429, "anonymous share a bucket");
+    assert_eq!(
+        st(c.get(gw.url("/anon"))).await,
+        429,
+        "anonymous share a bucket"
+    );
 
-    let heavy = c.get(gw.url("/cost")).header("x-cost", "4").send().await.unwrap();
+    let heavy = c
+        .get(gw.url("/cost"))
+        .header("x-cost", "4")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(heavy.status(), 200);
     assert_eq!(header(&heavy, "x-ratelimit-remaining"), "1");
     assert_eq!(st(c.get(gw.url("/cost")).header("x-cost", "2")).await, 429);
@@ -396,7 +439,11 @@ routes:
     assert_eq!(c.get(gw.url("/ok")).send().await.unwrap().status(), 200);
     assert_eq!(c.get(gw.url("/dead")).send().await.unwrap().status(), 502);
     assert_eq!(
-        c.get(gw.url("/slow?ms=3000")).send().await.unwrap().status(),
+        c.get(gw.url("/slow?ms=3000"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
         504
     );
     for _ in 0..4 {

@@ -47,7 +47,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}", render(file, problems))]
-    Invalid { file: String, problems: Vec<Problem> },
+    Invalid {
+        file: String,
+        problems: Vec<Problem>,
+    },
 }
 
 impl ConfigError {

@@ -167,7 +167,10 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     );
     if let Some(token) = &raw_admin.token {
         if token.trim().is_empty() {
-            check.err("admin.token", "must not be empty (omit it or use null for no token)");
+            check.err(
+                "admin.token",
+                "must not be empty (omit it or use null for no token)",
+            );
         }
     }
 
@@ -214,16 +217,22 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         );
     }
 
-    let default_headers = header_flags(raw.headers, HeaderFlags {
-        legacy: true,
-        ietf: true,
-    });
+    let default_headers = header_flags(
+        raw.headers,
+        HeaderFlags {
+            legacy: true,
+            ietf: true,
+        },
+    );
     let mut seen_routes = HashSet::new();
     let mut routes = Vec::new();
     for (i, r) in raw.routes.into_iter().enumerate() {
         let path = format!("routes[{i}]");
         if !seen_routes.insert(r.name.clone()) {
-            check.err(format!("{path}.name"), format!("duplicate route name {:?}", r.name));
+            check.err(
+                format!("{path}.name"),
+                format!("duplicate route name {:?}", r.name),
+            );
         }
         if let Some(route) = build_route(&mut check, &path, r, &upstreams, default_headers) {
             routes.push(Arc::new(route));
@@ -394,7 +403,10 @@ fn build_route(
     for (j, l) in r.limits.into_iter().enumerate() {
         let lpath = format!("{path}.limits[{j}]");
         if !seen.insert(l.name.clone()) {
-            check.err(format!("{lpath}.name"), format!("duplicate limit name {:?}", l.name));
+            check.err(
+                format!("{lpath}.name"),
+                format!("duplicate limit name {:?}", l.name),
+            );
         }
         if let Some(limit) = build_limit(check, &lpath, l, &capture_names) {
             limits.push(limit);
@@ -423,7 +435,10 @@ fn build_match(check: &mut Check, path: &str, m: &RawMatch) -> RouteMatch {
     }
     let path_match = if let Some(p) = &m.path {
         if !p.starts_with('/') {
-            check.err(format!("{path}.path"), format!("must start with '/', got {p:?}"));
+            check.err(
+                format!("{path}.path"),
+                format!("must start with '/', got {p:?}"),
+            );
         }
         PathMatch::Exact(p.clone())
     } else if let Some(p) = &m.path_prefix {

@@ -226,10 +226,19 @@ mod tests {
         let store = MemoryStore::new(1000, clock);
         block_on(async {
             store.decide(&[req("k", 2, 2)]).await.expect("decide");
-            assert_eq!(store.peek(&req("k", 2, 0)).await.expect("peek").remaining, 0);
-            assert_eq!(store.peek(&req("k", 5, 0)).await.expect("peek").remaining, 5);
+            assert_eq!(
+                store.peek(&req("k", 2, 0)).await.expect("peek").remaining,
+                0
+            );
+            assert_eq!(
+                store.peek(&req("k", 5, 0)).await.expect("peek").remaining,
+                5
+            );
             store.reset("k").await.expect("reset");
-            assert_eq!(store.peek(&req("k", 2, 0)).await.expect("peek").remaining, 2);
+            assert_eq!(
+                store.peek(&req("k", 2, 0)).await.expect("peek").remaining,
+                2
+            );
         });
     }
 
@@ -278,7 +287,11 @@ mod tests {
                     .await
                     .expect("decide");
             }
-            assert_eq!(store.evictions(), before, "only refilled buckets were dropped");
+            assert_eq!(
+                store.evictions(),
+                before,
+                "only refilled buckets were dropped"
+            );
         });
     }
 }

@@ -168,8 +168,14 @@ mod tests {
 
     #[test]
     fn parses_rates() {
-        assert_eq!(Rate::parse("10/s").map(|r| r.interval_ns()), Ok(100_000_000));
-        assert_eq!(Rate::parse("60/m").map(|r| r.interval_ns()), Ok(1_000_000_000));
+        assert_eq!(
+            Rate::parse("10/s").map(|r| r.interval_ns()),
+            Ok(100_000_000)
+        );
+        assert_eq!(
+            Rate::parse("60/m").map(|r| r.interval_ns()),
+            Ok(1_000_000_000)
+        );
         assert_eq!(
             Rate::parse("2/h").map(|r| r.period),
             Ok(Duration::from_secs(3600))

@@ -37,8 +37,7 @@ pub fn plan(route: &Route, req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
         let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
         if !keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut value) {
             if limit.on_missing_key == OnMissingKey::Deny {
-                plan.missing_denied
-                    .push((limit.name.clone(), limit.policy));
+                plan.missing_denied.push((limit.name.clone(), limit.policy));
             }
             continue;
         }

@@ -168,9 +168,9 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route in context"))?;
         let upstream = &route.upstream;
-        let target = upstream.next_target().ok_or_else(|| {
-            Error::explain(ErrorType::ConnectNoRoute, "upstream has no targets")
-        })?;
+        let target = upstream
+            .next_target()
+            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "upstream has no targets"))?;
         ctx.attempts += 1;
         ctx.upstream_start = Some(Instant::now());
         let mut peer = HttpPeer::new(target, false, String::new());
@@ -279,9 +279,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route.as_ref().map_or(NO_ROUTE_LABEL, |r| &r.name);
         tracing::debug!(
             target: "tollgate::access",

@@ -24,7 +24,10 @@ pub fn add_rate_limit_headers(
         if let Some(s) = decision.most_restrictive() {
             resp.insert_header("X-RateLimit-Limit", s.policy.burst.to_string())?;
             resp.insert_header("X-RateLimit-Remaining", s.outcome.remaining.to_string())?;
-            resp.insert_header("X-RateLimit-Reset", ceil_secs(s.outcome.reset_ns).to_string())?;
+            resp.insert_header(
+                "X-RateLimit-Reset",
+                ceil_secs(s.outcome.reset_ns).to_string(),
+            )?;
         }
     }
     if flags.ietf {
@@ -157,7 +160,10 @@ mod tests {
     fn ietf_fields_list_every_limit() {
         let d = Decision {
             allowed: true,
-            statuses: vec![status("per-ip", 20, 7, true), status("per-key", 100, 50, true)],
+            statuses: vec![
+                status("per-ip", 20, 7, true),
+                status("per-key", 100, 50, true),
+            ],
             violated: vec![],
             retry_after_ns: 0,
         };
@@ -173,7 +179,10 @@ mod tests {
     fn denial_body_and_retry_after() {
         let d = Decision {
             allowed: false,
-            statuses: vec![status("per-ip", 20, 0, false), status("per-key", 100, 3, true)],
+            statuses: vec![
+                status("per-ip", 20, 0, false),
+                status("per-key", 100, 3, true),
+            ],
             violated: vec![Arc::from("per-ip")],
             retry_after_ns: 1_200_000_000,
         };
