@@ -4,6 +4,7 @@
 //! Parts: [`raw`] (serde wire structs), [`model`] (validated model), [`error`].
 
 pub mod error;
+pub mod locate;
 pub mod model;
 pub mod raw;
 
@@ -18,9 +19,15 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
         file: file.to_string(),
         problems: vec![yaml_problem(&e)],
     })?;
-    model::build(raw).map_err(|problems| ConfigError::Invalid {
-        file: file.to_string(),
-        problems,
+    model::build(raw).map_err(|mut problems| {
+        let found = locate::locate(text);
+        for p in &mut problems {
+            p.location = locate::lookup(&found, &p.path);
+        }
+        ConfigError::Invalid {
+            file: file.to_string(),
+            problems,
+        }
     })
 }
 
