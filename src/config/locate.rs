@@ -6,14 +6,8 @@ use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
 enum Frame {
-    Map {
-        path: String,
-        key: Option<String>,
-    },
-    Seq {
-        path: String,
-        index: usize,
-    },
+    Map { path: String, key: Option<String> },
+    Seq { path: String, index: usize },
 }
 
 #[derive(Default)]
@@ -56,7 +50,11 @@ impl MarkedEventReceiver for Locator {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         match ev {
             Event::Scalar(text, ..) => {
-                if let Some(Frame::Map { path, key: key @ None }) = self.stack.last_mut() {
+                if let Some(Frame::Map {
+                    path,
+                    key: key @ None,
+                }) = self.stack.last_mut()
+                {
                     // A key: its position stands for the field until the value says otherwise.
                     let at = (mark.line(), mark.col() + 1);
                     self.found.entry(join_key(path, &text)).or_insert(at);
@@ -120,7 +118,10 @@ mod tests {
         assert_eq!(found.get("listen[0]"), Some(&(1, 10)));
         assert_eq!(found.get("routes[0].name"), Some(&(3, 5)));
         assert_eq!(found.get("routes[0].limits[0].rate"), Some(&(5, 20)));
-        assert_eq!(lookup(&found, "routes[0].limits[0].rate.extra"), Some((5, 20)));
+        assert_eq!(
+            lookup(&found, "routes[0].limits[0].rate.extra"),
+            Some((5, 20))
+        );
         assert_eq!(lookup(&found, "nowhere"), None);
     }
 }
