@@ -1,7 +1,7 @@
 //! The admin listener: `/health`, `/ready` and `/metrics` (the `/v1` API comes with the
 //! operations work). Bound to loopback unless configured otherwise.
 
-use crate::config::model::StoreKindConfig;
+use crate::config::model::{Fallback, StoreKindConfig};
 use crate::state::Shared;
 use async_trait::async_trait;
 use http::{Response, StatusCode};
@@ -18,20 +18,35 @@ impl AdminApp {
         AdminApp { shared }
     }
 
+    /// Ready when the config is loaded and the store answers, or when the breaker's fallback
+    /// (`local` or `allow`) keeps the gateway deciding without it.
     fn ready(&self) -> Response<Vec<u8>> {
         let config = self.shared.config();
-        let store = match config.store.kind {
+        let slot = self.shared.store();
+        let store = match slot.config.kind {
             StoreKindConfig::Memory => "memory",
             StoreKindConfig::Redis => "redis",
         };
-        json(
-            StatusCode::OK,
-            serde_json::json!({
-                "status": "ready",
-                "store": store,
-                "config_generation": self.shared.generation(),
-            }),
-        )
+        let healthy = slot.healthy();
+        let covered = matches!(config.breaker.fallback, Fallback::Local | Fallback::Allow);
+        let (status, state) = match (healthy, covered) {
+            (true, _) => (StatusCode::OK, "ready"),
+            (false, true) => (StatusCode::OK, "degraded"),
+            (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        };
+        let mut body = serde_json::json!({
+            "status": state,
+            "store": store,
+            "store_healthy": healthy,
+            "config_generation": self.shared.generation(),
+        });
+        if !healthy {
+            body["reason"] = serde_json::Value::from(format!(
+                "store {store} is not answering; fallback: {:?}",
+                config.breaker.fallback
+            ));
+        }
+        json(status, body)
     }
 }
 

@@ -3,15 +3,12 @@
 //! SIGTERM/SIGINT, then drains in-flight requests (bounded by `server.drain_timeout_ms`).
 
 use crate::admin::AdminApp;
-use crate::config::model::StoreKindConfig;
 use crate::config::Config;
 use crate::demo::DemoUpstream;
-use crate::limiter::clock::MonotonicClock;
-use crate::limiter::memory::MemoryStore;
-use crate::limiter::Store;
+use crate::limiter::StoreError;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::state::Shared;
+use crate::state::{Shared, StoreSlot};
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
@@ -26,8 +23,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("store.kind redis is not available in this build yet; use store.kind: memory")]
-    RedisUnavailable,
+    #[error("cannot set up the store: {0}")]
+    Store(#[from] StoreError),
     #[error("{0}")]
     Metrics(String),
 }
@@ -47,17 +44,8 @@ pub fn build_shared(
     config_path: Option<PathBuf>,
 ) -> Result<Arc<Shared>, ServerError> {
     let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
-    let (store, memory): (Arc<dyn Store>, Option<Arc<MemoryStore>>) = match config.store.kind {
-        StoreKindConfig::Memory => {
-            let memory = Arc::new(MemoryStore::new(
-                usize::try_from(config.store.max_buckets).unwrap_or(usize::MAX),
-                Arc::new(MonotonicClock::new()),
-            ));
-            (memory.clone(), Some(memory))
-        }
-        StoreKindConfig::Redis => return Err(ServerError::RedisUnavailable),
-    };
-    Ok(Shared::new(config, store, memory, metrics, config_path))
+    let store = StoreSlot::build(&config.store)?;
+    Ok(Shared::new(config, store, metrics, config_path))
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. Returns after the drain.
@@ -97,8 +85,8 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
         server.add_service(demo);
     }
     server.add_service(background_service(
-        "config reload on SIGHUP",
-        SighupReloader {
+        "store connection and config reload",
+        Supervisor {
             shared: shared.clone(),
         },
     ));
@@ -169,15 +157,17 @@ fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) 
     });
 }
 
-/// Reloads the config file on SIGHUP.
-struct SighupReloader {
+/// Connects the store (its connection tasks live on this service's runtime) and reloads the
+/// config file on SIGHUP.
+struct Supervisor {
     shared: Arc<Shared>,
 }
 
 #[async_trait]
-impl BackgroundService for SighupReloader {
+impl BackgroundService for Supervisor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
+        self.shared.store().connect().await;
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             tracing::error!("cannot install the SIGHUP handler; reload on SIGHUP is off");
             return;
@@ -186,7 +176,7 @@ impl BackgroundService for SighupReloader {
             tokio::select! {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading config");
-                    let _ = self.shared.reload();
+                    let _ = self.shared.reload().await;
                 }
                 _ = shutdown.changed() => return,
             }

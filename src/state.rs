@@ -2,21 +2,85 @@
 //! requests keep the generation they started with), the bucket store, the metrics, and the
 //! count of requests in flight that graceful shutdown waits for.
 
+use crate::config::model::{StoreConfig, StoreKindConfig};
 use crate::config::{self, Config, ConfigError};
+use crate::limiter::clock::MonotonicClock;
 use crate::limiter::memory::MemoryStore;
-use crate::limiter::Store;
+use crate::limiter::redis::RedisStore;
+use crate::limiter::{Store, StoreError};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a (re)connect to a new Redis is awaited before the store is swapped in anyway
+/// (it keeps reconnecting in the background; failed decisions go to the fallback meanwhile).
+pub const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// The store in use, and the config it was built from.
+pub struct StoreSlot {
+    pub store: Arc<dyn Store>,
+    /// Set when the store is the memory store (for its size gauge).
+    pub memory: Option<Arc<MemoryStore>>,
+    /// Set when the store is Redis (for connect, readiness, close).
+    pub redis: Option<Arc<RedisStore>>,
+    pub config: StoreConfig,
+}
+
+impl StoreSlot {
+    /// Builds the store a config asks for; a Redis store is not connected yet.
+    pub fn build(config: &StoreConfig) -> Result<StoreSlot, StoreError> {
+        match config.kind {
+            StoreKindConfig::Memory => {
+                let memory = Arc::new(MemoryStore::new(
+                    usize::try_from(config.max_buckets).unwrap_or(usize::MAX),
+                    Arc::new(MonotonicClock::new()),
+                ));
+                Ok(StoreSlot {
+                    store: memory.clone(),
+                    memory: Some(memory),
+                    redis: None,
+                    config: config.clone(),
+                })
+            }
+            StoreKindConfig::Redis => {
+                let redis = Arc::new(RedisStore::new(&config.redis)?);
+                Ok(StoreSlot {
+                    store: redis.clone(),
+                    memory: None,
+                    redis: Some(redis),
+                    config: config.clone(),
+                })
+            }
+        }
+    }
+
+    /// Connects a Redis store (no-op for memory), waiting at most [`CONNECT_WAIT`].
+    pub async fn connect(&self) {
+        if let Some(redis) = &self.redis {
+            match redis.connect(CONNECT_WAIT).await {
+                Ok(()) => tracing::info!(urls = ?self.config.redis.urls, "connected to Redis, script loaded"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    urls = ?self.config.redis.urls,
+                    "Redis not reachable yet; reconnecting in the background"
+                ),
+            }
+        }
+    }
+
+    /// Whether the store can answer now.
+    pub fn healthy(&self) -> bool {
+        self.redis.as_ref().is_none_or(|r| r.is_connected())
+    }
+}
 
 pub struct Shared {
     config: ArcSwap<Config>,
     generation: AtomicU64,
-    pub store: Arc<dyn Store>,
-    /// The memory store when it is the store in use (for its size gauge).
-    pub memory: Option<Arc<MemoryStore>>,
+    store: ArcSwap<StoreSlot>,
     pub metrics: Arc<Metrics>,
     in_flight: AtomicUsize,
     /// The file the config came from, for reloads (none for the embedded demo).
@@ -26,16 +90,14 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: Config,
-        store: Arc<dyn Store>,
-        memory: Option<Arc<MemoryStore>>,
+        store: StoreSlot,
         metrics: Arc<Metrics>,
         config_path: Option<PathBuf>,
     ) -> Arc<Shared> {
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(config),
             generation: AtomicU64::new(1),
-            store,
-            memory,
+            store: ArcSwap::from_pointee(store),
             metrics,
             in_flight: AtomicUsize::new(0),
             config_path,
@@ -54,6 +116,11 @@ impl Shared {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// The store in use now.
+    pub fn store(&self) -> Arc<StoreSlot> {
+        self.store.load_full()
+    }
+
     /// Makes `config` the one in force for new requests.
     pub fn install(&self, config: Config) -> u64 {
         self.config.store(Arc::new(config));
@@ -63,18 +130,15 @@ impl Shared {
         generation
     }
 
-    /// Re-reads the config file; an invalid file leaves the running config in force.
-    pub fn reload(&self) -> Result<u64, ConfigError> {
+    /// Re-reads the config file; an invalid file leaves the running config in force. When the
+    /// `store` section changed, the new store is built and connected first, then swapped in
+    /// with the config; requests in flight finish on the old one, which is closed afterwards.
+    pub async fn reload(&self) -> Result<u64, ConfigError> {
         let Some(path) = &self.config_path else {
             return Ok(self.generation());
         };
-        match config::load(path) {
-            Ok(config) => {
-                let generation = self.install(config);
-                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-                tracing::info!(generation, file = %path.display(), "config reloaded");
-                Ok(generation)
-            }
+        let config = match config::load(path) {
+            Ok(config) => config,
             Err(e) => {
                 self.metrics
                     .config_reloads
@@ -83,14 +147,45 @@ impl Shared {
                 for line in e.lines() {
                     tracing::error!("config reload rejected, previous config kept: {line}");
                 }
-                Err(e)
+                return Err(e);
+            }
+        };
+        if config.store != self.store().config {
+            match StoreSlot::build(&config.store) {
+                Ok(slot) => {
+                    slot.connect().await;
+                    let old = self.store.swap(Arc::new(slot));
+                    tracing::info!("store replaced after a config change");
+                    tokio::spawn(async move {
+                        // Let decisions in flight on the old store finish.
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        if let Some(redis) = &old.redis {
+                            redis.close().await;
+                        }
+                    });
+                }
+                Err(e) => {
+                    self.metrics
+                        .config_reloads
+                        .with_label_values(&["error"])
+                        .inc();
+                    tracing::error!(error = %e, "config reload rejected: cannot build the new store");
+                    return Err(ConfigError::Invalid {
+                        file: path.display().to_string(),
+                        problems: vec![config::Problem::at("store", e.to_string())],
+                    });
+                }
             }
         }
+        let generation = self.install(config);
+        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+        tracing::info!(generation, file = %path.display(), "config reloaded");
+        Ok(generation)
     }
 
     fn touch_metrics(&self) {
         let config = self.config();
-        let store_label = self.store.kind().label();
+        let store_label = self.store().store.kind().label();
         for route in config.router.routes() {
             self.metrics.touch_route(&route.name, store_label);
         }
@@ -111,7 +206,7 @@ impl Shared {
 
     /// Refreshes gauges that are read rather than counted.
     pub fn refresh_gauges(&self) {
-        if let Some(memory) = &self.memory {
+        if let Some(memory) = &self.store().memory {
             let m = &self.metrics.memory_buckets;
             m.with_label_values(&["held"]).set(memory.len() as i64);
             m.with_label_values(&["capacity"])

@@ -9,6 +9,7 @@ pub mod clock;
 pub mod gcra;
 pub mod memory;
 pub mod plan;
+pub mod redis;
 
 use crate::keys::KeySpec;
 use async_trait::async_trait;
@@ -148,6 +149,17 @@ pub enum StoreError {
     Connection(String),
     #[error("store script failed: {0}")]
     Script(String),
+}
+
+impl StoreError {
+    /// The `kind` label of `tollgate_store_errors_total`.
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            StoreError::Timeout => "timeout",
+            StoreError::Connection(_) => "connection",
+            StoreError::Script(_) => "script",
+        }
+    }
 }
 
 /// Where buckets live. A decision covers every bucket of one request and is all-or-nothing:

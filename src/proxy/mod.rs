@@ -118,17 +118,23 @@ impl ProxyHttp for Gateway {
                 Decision::from_outcomes(plan, Vec::new())
             } else {
                 let started = Instant::now();
-                let result = self.shared.store.decide(&plan.requests).await;
+                let store = self.shared.store();
+                let result = store.store.decide(&plan.requests).await;
                 self.shared
                     .metrics
                     .decision_duration
-                    .with_label_values(&[self.shared.store.kind().label()])
+                    .with_label_values(&[store.store.kind().label()])
                     .observe(started.elapsed().as_secs_f64());
                 match result {
                     Ok(outcomes) => Decision::from_outcomes(plan, outcomes),
                     Err(e) => {
-                        // The memory store cannot fail; the breaker (Redis) arrives with the
-                        // Redis store. Until then a failed decision fails open, counted.
+                        // Until the breaker and its local fallback exist, a failed decision
+                        // fails open, counted.
+                        self.shared
+                            .metrics
+                            .store_errors
+                            .with_label_values(&[e.kind_label()])
+                            .inc();
                         tracing::warn!(error = %e, route = %route.name, "store decision failed");
                         self.count(&route.name, "fallback_allowed", ctx);
                         ctx.route = Some(route);
