@@ -257,7 +257,11 @@ impl Store for RedisStore {
     }
 
     async fn peek(&self, request: &BucketRequest) -> Result<BucketOutcome, StoreError> {
-        let reply = self.call("peek", &[request]).await?;
+        let uncharged = BucketRequest {
+            cost: 0,
+            ..request.clone()
+        };
+        let reply = self.call("peek", &[&uncharged]).await?;
         let (_, outcomes) = parse_reply(&reply, 1)?;
         outcomes
             .into_iter()

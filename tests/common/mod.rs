@@ -2,6 +2,8 @@
 //! `tollgate` binary run as a child process with a config written to a temp dir.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod redis;
+
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::server::conn::http1;

@@ -1,0 +1,290 @@
+//! Real Redis processes for tests: a standalone server, a 3-master Cluster, and a
+//! master + replica + sentinels, each on free loopback ports in a temp dir, stopped on drop.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use super::free_port;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One `redis-server` (or sentinel) process.
+pub struct RedisProcess {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+impl RedisProcess {
+    fn spawn(port: u16, dir: tempfile::TempDir, args: Vec<String>) -> RedisProcess {
+        let mut p = RedisProcess {
+            port,
+            child: None,
+            dir,
+            args,
+        };
+        p.launch();
+        p
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is on PATH");
+        self.child = Some(child);
+        self.wait_ping();
+    }
+
+    fn wait_ping(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if cli(self.port, &["PING"]).as_deref() == Some("PONG") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis on port {} did not answer PING", self.port);
+    }
+
+    /// A standalone server with persistence off.
+    pub fn standalone() -> RedisProcess {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        RedisProcess::spawn(port, dir, base_args(port))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a redis-cli command against this server.
+    pub fn cli(&self, args: &[&str]) -> Option<String> {
+        cli(self.port, args)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same server again (empty: persistence is off).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A paused server must be resumed to die cleanly.
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+fn base_args(port: u16) -> Vec<String> {
+    [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// A real 3-master Redis Cluster on loopback.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisProcess>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisProcess> = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let dir = tempfile::tempdir().unwrap();
+                let mut args = base_args(port);
+                args.extend(
+                    [
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "2000",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string()),
+                );
+                RedisProcess::spawn(port, dir, args)
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli --cluster create");
+        assert!(status.success(), "cluster create failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let ok = nodes.iter().all(|n| {
+                n.cli(&["CLUSTER", "INFO"])
+                    .is_some_and(|info| info.contains("cluster_state:ok"))
+            });
+            if ok {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster never reached state ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        RedisCluster { nodes }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+
+    /// Keys held by each node.
+    pub fn keys_per_node(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .map(|n| n.cli(&["DBSIZE"]).and_then(|s| s.parse::<usize>().ok()).unwrap_or(0))
+            .collect()
+    }
+
+    /// Keys held by the whole cluster.
+    pub fn total_keys(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| n.cli(&["DBSIZE"]).and_then(|s| s.parse::<usize>().ok()).unwrap_or(0))
+            .sum()
+    }
+}
+
+/// A master, a replica and three sentinels watching them, on loopback.
+pub struct RedisSentinels {
+    pub master: RedisProcess,
+    pub replica: RedisProcess,
+    pub sentinels: Vec<RedisProcess>,
+    pub service: String,
+}
+
+impl RedisSentinels {
+    pub fn start() -> RedisSentinels {
+        let master = RedisProcess::standalone();
+        let replica_port = free_port();
+        let mut args = base_args(replica_port);
+        args.extend(
+            ["--replicaof", "127.0.0.1", &master.port.to_string()]
+                .iter()
+                .map(|s| s.to_string()),
+        );
+        let replica = RedisProcess::spawn(replica_port, tempfile::tempdir().unwrap(), args);
+        let service = "tollgate-test".to_string();
+        let sentinels = (0..3)
+            .map(|_| {
+                let port = free_port();
+                let dir = tempfile::tempdir().unwrap();
+                let conf = format!(
+                    "port {port}\nbind 127.0.0.1\nsentinel resolve-hostnames no\n\
+                     sentinel monitor {service} 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds {service} 1000\n\
+                     sentinel failover-timeout {service} 5000\n\
+                     sentinel parallel-syncs {service} 1\n",
+                    master.port
+                );
+                let path = dir.path().join("sentinel.conf");
+                std::fs::write(&path, conf).unwrap();
+                RedisProcess::spawn(
+                    port,
+                    dir,
+                    vec![path.to_string_lossy().into_owned(), "--sentinel".into()],
+                )
+            })
+            .collect();
+        let s = RedisSentinels {
+            master,
+            replica,
+            sentinels,
+            service,
+        };
+        s.wait_replica_synced();
+        s
+    }
+
+    fn wait_replica_synced(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self
+                .replica
+                .cli(&["INFO", "replication"])
+                .is_some_and(|i| i.contains("master_link_status:up"))
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("replica never synced");
+    }
+
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinels.iter().map(|s| s.url()).collect()
+    }
+
+    /// The port the sentinels name as master now.
+    pub fn current_master_port(&self) -> Option<u16> {
+        let out = self.sentinels[0].cli(&[
+            "SENTINEL",
+            "get-master-addr-by-name",
+            &self.service,
+        ])?;
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
