@@ -61,7 +61,9 @@ impl StoreSlot {
     pub async fn connect(&self) {
         if let Some(redis) = &self.redis {
             match redis.connect(CONNECT_WAIT).await {
-                Ok(()) => tracing::info!(urls = ?self.config.redis.urls, "connected to Redis, script loaded"),
+                Ok(()) => {
+                    tracing::info!(urls = ?self.config.redis.urls, "connected to Redis, script loaded")
+                }
                 Err(e) => tracing::warn!(
                     error = %e,
                     urls = ?self.config.redis.urls,

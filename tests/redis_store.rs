@@ -46,17 +46,29 @@ async fn burst_cost_and_all_or_nothing() {
     let fresh = store.peek(&bucket("r:a:{k}", 60_000, 5, 1)).await.unwrap();
     assert_eq!((fresh.allowed, fresh.remaining), (true, 5));
     // Cost > 1 takes several tokens.
-    let o = store.decide(&[bucket("r:a:{k}", 60_000, 5, 3)]).await.unwrap();
+    let o = store
+        .decide(&[bucket("r:a:{k}", 60_000, 5, 3)])
+        .await
+        .unwrap();
     assert!(o[0].allowed);
     assert_eq!(o[0].remaining, 2);
-    let o = store.decide(&[bucket("r:a:{k}", 60_000, 5, 3)]).await.unwrap();
+    let o = store
+        .decide(&[bucket("r:a:{k}", 60_000, 5, 3)])
+        .await
+        .unwrap();
     assert!(!o[0].allowed, "3 tokens do not fit in 2");
     assert_eq!(o[0].remaining, 2);
     assert!(o[0].retry_ns > 59_000 * MS && o[0].retry_ns <= 60_000 * MS);
     // All-or-nothing: b denies, so a is not charged.
-    store.decide(&[bucket("r:b:{k}", 60_000, 1, 1)]).await.unwrap();
+    store
+        .decide(&[bucket("r:b:{k}", 60_000, 1, 1)])
+        .await
+        .unwrap();
     let o = store
-        .decide(&[bucket("r:a:{k}", 60_000, 5, 1), bucket("r:b:{k}", 60_000, 1, 1)])
+        .decide(&[
+            bucket("r:a:{k}", 60_000, 5, 1),
+            bucket("r:b:{k}", 60_000, 1, 1),
+        ])
         .await
         .unwrap();
     assert!(o[0].allowed && !o[1].allowed);
@@ -68,7 +80,11 @@ async fn burst_cost_and_all_or_nothing() {
     // Reset deletes.
     store.reset("r:a:{k}").await.unwrap();
     assert_eq!(
-        store.peek(&bucket("r:a:{k}", 60_000, 5, 1)).await.unwrap().remaining,
+        store
+            .peek(&bucket("r:a:{k}", 60_000, 5, 1))
+            .await
+            .unwrap()
+            .remaining,
         5
     );
 }
@@ -82,7 +98,10 @@ async fn refills_over_redis_time_and_sets_ttl_to_refill_time() {
     assert!(o[0].allowed);
     assert_eq!(o[0].remaining, 0);
     let pttl: i64 = redis.cli(&["PTTL", "t:r:l:{t}"]).unwrap().parse().unwrap();
-    assert!((150..=200).contains(&pttl), "TTL is the refill time, got {pttl} ms");
+    assert!(
+        (150..=200).contains(&pttl),
+        "TTL is the refill time, got {pttl} ms"
+    );
     tokio::time::sleep(Duration::from_millis(130)).await;
     let later = store.peek(&bucket("r:l:{t}", 50, 4, 1)).await.unwrap();
     assert!(
@@ -101,9 +120,15 @@ async fn refills_over_redis_time_and_sets_ttl_to_refill_time() {
 async fn noscript_after_script_flush_reloads_transparently() {
     let redis = RedisProcess::standalone();
     let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
-    store.decide(&[bucket("r:l:{n}", 60_000, 3, 1)]).await.unwrap();
+    store
+        .decide(&[bucket("r:l:{n}", 60_000, 3, 1)])
+        .await
+        .unwrap();
     assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).as_deref(), Some("OK"));
-    let o = store.decide(&[bucket("r:l:{n}", 60_000, 3, 1)]).await.unwrap();
+    let o = store
+        .decide(&[bucket("r:l:{n}", 60_000, 3, 1)])
+        .await
+        .unwrap();
     assert!(o[0].allowed);
     assert_eq!(o[0].remaining, 1, "state kept, script reloaded");
 }
@@ -126,7 +151,10 @@ async fn cluster_gives_tokens_back_when_another_slot_denies() {
         assert!(denied[0].allowed && !denied[1].allowed);
     }
     let after = store.peek(&a).await.unwrap();
-    assert_eq!(after.remaining, 4, "a was charged once, the denied decisions gave back");
+    assert_eq!(
+        after.remaining, 4,
+        "a was charged once, the denied decisions gave back"
+    );
 
     // Many keys across every node: each admits exactly its burst.
     for i in 0..30 {
@@ -140,5 +168,8 @@ async fn cluster_gives_tokens_back_when_another_slot_denies() {
         assert_eq!(admitted, 3, "key-{i}");
     }
     let per_node = cluster.keys_per_node();
-    assert!(per_node.iter().all(|&n| n > 0), "keys on every master: {per_node:?}");
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "keys on every master: {per_node:?}"
+    );
 }

@@ -28,10 +28,14 @@ fn fred_error(e: fred::error::Error) -> StoreError {
     use fred::error::ErrorKind;
     match e.kind() {
         ErrorKind::Timeout => StoreError::Timeout,
-        ErrorKind::IO | ErrorKind::Canceled | ErrorKind::Cluster | ErrorKind::Sentinel
-        | ErrorKind::Auth | ErrorKind::Tls | ErrorKind::Routing | ErrorKind::Backpressure => {
-            StoreError::Connection(e.to_string())
-        }
+        ErrorKind::IO
+        | ErrorKind::Canceled
+        | ErrorKind::Cluster
+        | ErrorKind::Sentinel
+        | ErrorKind::Auth
+        | ErrorKind::Tls
+        | ErrorKind::Routing
+        | ErrorKind::Backpressure => StoreError::Connection(e.to_string()),
         _ => StoreError::Script(e.to_string()),
     }
 }
@@ -138,7 +142,11 @@ impl RedisStore {
         let mut args: Vec<fred::types::Value> = Vec::with_capacity(1 + 3 * requests.len());
         args.push(mode.into());
         for r in requests {
-            args.push(i64::try_from((r.interval_ns / 1000).max(1)).unwrap_or(i64::MAX).into());
+            args.push(
+                i64::try_from((r.interval_ns / 1000).max(1))
+                    .unwrap_or(i64::MAX)
+                    .into(),
+            );
             args.push(i64::try_from(r.burst).unwrap_or(i64::MAX).into());
             args.push(i64::try_from(r.cost).unwrap_or(i64::MAX).into());
         }

@@ -134,6 +134,21 @@ impl Gateway {
     /// Starts the gateway on `yaml`, in which `{PROXY}`, `{ADMIN}` and `{UPSTREAM}` are replaced
     /// by free proxy and admin ports and the given upstream address. Waits for `/ready`.
     pub async fn start(yaml: &str, upstream: SocketAddr) -> Gateway {
+        Gateway::start_with(yaml, upstream, &[]).await
+    }
+
+    /// As [`Gateway::start`], with the binary run under `wrapper` (e.g. `faketime -f +2h`).
+    pub async fn start_with(yaml: &str, upstream: SocketAddr, wrapper: &[&str]) -> Gateway {
+        Gateway::start_full(yaml, upstream, wrapper, &[]).await
+    }
+
+    /// As [`Gateway::start_with`], with extra environment variables.
+    pub async fn start_full(
+        yaml: &str,
+        upstream: SocketAddr,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let text = yaml
@@ -144,10 +159,20 @@ impl Gateway {
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, text).expect("write config");
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
-        let child = Command::new(bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
+        let child = command
             .arg("--config")
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+            .envs(env.iter().copied())
             .env_remove("TOLLGATE_ADMIN_TOKEN")
             .stdout(Stdio::null())
             .stderr(log)
@@ -172,7 +197,13 @@ impl Gateway {
             let client = client.clone();
             let url = url.clone();
             async move {
-                let admin_ok = matches!(client.get(&url).send().await, Ok(r) if r.status() == 200);
+                let admin_ok = match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => r
+                        .json::<serde_json::Value>()
+                        .await
+                        .is_ok_and(|v| v["store_healthy"] == true),
+                    _ => false,
+                };
                 admin_ok && tokio::net::TcpStream::connect(proxy).await.is_ok()
             }
         })

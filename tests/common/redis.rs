@@ -11,11 +11,22 @@ pub struct RedisProcess {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    program: &'static str,
     args: Vec<String>,
+    /// The CA to trust, for a TLS-only server.
+    tls: Option<std::path::PathBuf>,
 }
 
 fn cli(port: u16, args: &[&str]) -> Option<String> {
-    let out = Command::new("redis-cli")
+    cli_tls(port, None, args)
+}
+
+fn cli_tls(port: u16, ca: Option<&std::path::Path>, args: &[&str]) -> Option<String> {
+    let mut command = Command::new("redis-cli");
+    if let Some(ca) = ca {
+        command.arg("--tls").arg("--cacert").arg(ca);
+    }
+    let out = command
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .stderr(Stdio::null())
@@ -28,24 +39,35 @@ fn cli(port: u16, args: &[&str]) -> Option<String> {
 
 impl RedisProcess {
     fn spawn(port: u16, dir: tempfile::TempDir, args: Vec<String>) -> RedisProcess {
+        Self::spawn_program("redis-server", port, dir, args)
+    }
+
+    fn spawn_program(
+        program: &'static str,
+        port: u16,
+        dir: tempfile::TempDir,
+        args: Vec<String>,
+    ) -> RedisProcess {
         let mut p = RedisProcess {
             port,
             child: None,
             dir,
+            program,
             args,
+            tls: None,
         };
         p.launch();
         p
     }
 
     fn launch(&mut self) {
-        let child = Command::new("redis-server")
+        let child = Command::new(self.program)
             .args(&self.args)
             .current_dir(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("redis-server is on PATH");
+            .unwrap_or_else(|e| panic!("{} is not runnable: {e}", self.program));
         self.child = Some(child);
         self.wait_ping();
     }
@@ -53,7 +75,7 @@ impl RedisProcess {
     fn wait_ping(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if cli(self.port, &["PING"]).as_deref() == Some("PONG") {
+            if cli_tls(self.port, self.tls.as_deref(), &["PING"]).as_deref() == Some("PONG") {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -68,13 +90,109 @@ impl RedisProcess {
         RedisProcess::spawn(port, dir, base_args(port))
     }
 
+    /// A standalone server that speaks only TLS, with a certificate for 127.0.0.1 signed by a
+    /// fresh CA; returns the server and the CA file to trust.
+    pub fn tls() -> (RedisProcess, std::path::PathBuf) {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let run = |args: &[&str]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl is on PATH");
+            assert!(status.success(), "openssl {args:?}");
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ]);
+        std::fs::write(dir.path().join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.crt",
+        ]);
+        let ca = dir.path().join("ca.crt");
+        let args: Vec<String> = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            "server.crt",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.crt",
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut p = RedisProcess {
+            port,
+            child: None,
+            dir,
+            program: "redis-server",
+            args,
+            tls: Some(ca.clone()),
+        };
+        p.launch();
+        (p, ca)
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// Runs a redis-cli command against this server.
     pub fn cli(&self, args: &[&str]) -> Option<String> {
-        cli(self.port, args)
+        cli_tls(self.port, self.tls.as_deref(), args)
     }
 
     pub fn pid(&self) -> u32 {
@@ -195,7 +313,11 @@ impl RedisCluster {
     pub fn keys_per_node(&self) -> Vec<usize> {
         self.nodes
             .iter()
-            .map(|n| n.cli(&["DBSIZE"]).and_then(|s| s.parse::<usize>().ok()).unwrap_or(0))
+            .map(|n| {
+                n.cli(&["DBSIZE"])
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .unwrap_or(0)
+            })
             .collect()
     }
 
@@ -203,7 +325,11 @@ impl RedisCluster {
     pub fn total_keys(&self) -> usize {
         self.nodes
             .iter()
-            .map(|n| n.cli(&["DBSIZE"]).and_then(|s| s.parse::<usize>().ok()).unwrap_or(0))
+            .map(|n| {
+                n.cli(&["DBSIZE"])
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .unwrap_or(0)
+            })
             .sum()
     }
 }
@@ -242,10 +368,12 @@ impl RedisSentinels {
                 );
                 let path = dir.path().join("sentinel.conf");
                 std::fs::write(&path, conf).unwrap();
-                RedisProcess::spawn(
+                // Debian's redis-sentinel package (a real sentinel process).
+                RedisProcess::spawn_program(
+                    "redis-sentinel",
                     port,
                     dir,
-                    vec![path.to_string_lossy().into_owned(), "--sentinel".into()],
+                    vec![path.to_string_lossy().into_owned()],
                 )
             })
             .collect();
@@ -280,11 +408,7 @@ impl RedisSentinels {
 
     /// The port the sentinels name as master now.
     pub fn current_master_port(&self) -> Option<u16> {
-        let out = self.sentinels[0].cli(&[
-            "SENTINEL",
-            "get-master-addr-by-name",
-            &self.service,
-        ])?;
+        let out = self.sentinels[0].cli(&["SENTINEL", "get-master-addr-by-name", &self.service])?;
         out.lines().nth(1)?.trim().parse().ok()
     }
 }

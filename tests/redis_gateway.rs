@@ -1,0 +1,347 @@
+//! Gateway processes sharing real Redis servers: exact shared limits across instances (also
+//! with skewed clocks), a real Cluster, Sentinel failover, and switching stores on reload.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::redis::{RedisCluster, RedisProcess, RedisSentinels};
+use common::{client, header, wait_until, Gateway, Upstream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn redis_yaml(store: &str, routes: &str) -> String {
+    format!(
+        r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+store: {store}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes:
+{routes}
+"#
+    )
+}
+
+fn standalone(url: &str) -> String {
+    format!(r#"{{ kind: redis, redis: {{ mode: standalone, urls: ["{url}"], timeout_ms: 500 }} }}"#)
+}
+
+const PER_USER: &str = r#"  - { name: r, upstream: app, limits: [ { name: per-user, key: ["header:x-user"], rate: "1/h", burst: BURST } ] }"#;
+
+fn per_user(burst: u32) -> String {
+    PER_USER.replace("BURST", &burst.to_string())
+}
+
+async fn status(gw: &Gateway, user: &str) -> u16 {
+    client()
+        .get(gw.url("/"))
+        .header("x-user", user)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_alternating_admit_exactly_the_burst() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let yaml = redis_yaml(&standalone(&redis.url()), &per_user(7));
+    let a = Gateway::start(&yaml, up.addr).await;
+    let b = Gateway::start(&yaml, up.addr).await;
+    let mut admitted = 0;
+    for i in 0..20 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        match status(gw, "alice").await {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(admitted, 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_clients_across_two_instances_never_exceed_the_burst() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let yaml = redis_yaml(&standalone(&redis.url()), &per_user(60));
+    let a = Arc::new(Gateway::start(&yaml, up.addr).await);
+    let b = Arc::new(Gateway::start(&yaml, up.addr).await);
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let denied = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let (a, b) = (a.clone(), b.clone());
+        let (admitted, denied) = (admitted.clone(), denied.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            for i in 0..20 {
+                let gw = if (t + i) % 2 == 0 { &a } else { &b };
+                let s = c
+                    .get(gw.url("/"))
+                    .header("x-user", "hot")
+                    .send()
+                    .await
+                    .unwrap()
+                    .status();
+                match s.as_u16() {
+                    200 => admitted.fetch_add(1, Ordering::SeqCst),
+                    429 => denied.fetch_add(1, Ordering::SeqCst),
+                    other => panic!("unexpected status {other}"),
+                };
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::SeqCst), 60, "exactly the burst");
+    assert_eq!(denied.load(Ordering::SeqCst), 16 * 20 - 60);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skewed_gateway_clocks_do_not_matter() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let yaml = redis_yaml(&standalone(&redis.url()), &per_user(4));
+    let a = Gateway::start(&yaml, up.addr).await;
+    // Two hours ahead: with a gateway clock, every bucket would look refilled to it.
+    let b = Gateway::start_with(&yaml, up.addr, &["faketime", "-f", "+2h"]).await;
+    let mut admitted = 0;
+    let mut dates = (None, None);
+    for i in 0..10 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        let resp = client()
+            .get(gw.url("/"))
+            .header("x-user", "skew")
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == 200 {
+            admitted += 1;
+        } else {
+            assert_eq!(resp.status(), 429);
+            let date = header(&resp, "date");
+            if i % 2 == 0 {
+                dates.0 = Some(date);
+            } else {
+                dates.1 = Some(date);
+            }
+        }
+    }
+    assert_eq!(admitted, 4, "exactly the burst across both instances");
+    // The skew is real: the gateways' own Date headers are two hours apart.
+    let parse = |d: &Option<String>| {
+        let d = d.as_deref().unwrap();
+        // "Mon, 23 Nov 2026 06:40:22 GMT": hour field.
+        d.split(' ').nth(4).unwrap()[..2].parse::<i32>().unwrap()
+    };
+    let diff = (parse(&dates.1) - parse(&dates.0)).rem_euclid(24);
+    assert_eq!(diff, 2, "dates {:?}", dates);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_limits_are_exact_and_cross_slot_denials_give_back() {
+    let cluster = RedisCluster::start();
+    let up = Upstream::start();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "{{ kind: redis, redis: {{ mode: cluster, urls: [{}], timeout_ms: 500 }} }}",
+        urls.join(", ")
+    );
+    let routes = r#"  - name: r
+    upstream: app
+    limits:
+      - { name: a, key: ["header:x-a"], rate: "1/h", burst: 3 }
+      - { name: b, key: ["header:x-b"], rate: "1/h", burst: 1 }"#;
+    let gw = Gateway::start(&redis_yaml(&store, routes), up.addr).await;
+    let send = |a: &str, b: &str| {
+        let req = client().get(gw.url("/")).header("x-a", a).header("x-b", b);
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // Keys spread over all masters: each admits exactly its burst of 1 on b.
+    for i in 0..24 {
+        let b = format!("spread-{i}");
+        assert_eq!(send(&format!("a-{i}"), &b).await, 200);
+        assert_eq!(send(&format!("a-{i}"), &b).await, 429, "log: {}", gw.log());
+    }
+    let per_node = cluster.keys_per_node();
+    assert!(per_node.iter().all(|&n| n > 0), "{per_node:?}");
+    // a has 3, b1 has 1. A denial by b (another slot) must give a's token back.
+    assert_eq!(send("A", "b1").await, 200);
+    assert_eq!(send("A", "b1").await, 429);
+    assert_eq!(send("A", "b1").await, 429);
+    assert_eq!(send("A", "b2").await, 200);
+    assert_eq!(send("A", "b3").await, 200);
+    assert_eq!(send("A", "b4").await, 429, "a is spent: 3 admitted in all");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_is_followed() {
+    let mut sentinels = RedisSentinels::start();
+    let up = Upstream::start();
+    let urls: Vec<String> = sentinels
+        .sentinel_urls()
+        .iter()
+        .map(|u| format!("\"{u}\""))
+        .collect();
+    let store = format!(
+        "{{ kind: redis, redis: {{ mode: sentinel, service_name: {}, urls: [{}], timeout_ms: 200 }} }}",
+        sentinels.service,
+        urls.join(", ")
+    );
+    let gw = Gateway::start(&redis_yaml(&store, &per_user(3)), up.addr).await;
+    let admitted = |user: String| {
+        let gw = &gw;
+        async move {
+            let mut n = 0;
+            for _ in 0..5 {
+                if status(gw, &user).await == 200 {
+                    n += 1;
+                }
+            }
+            n
+        }
+    };
+    assert_eq!(admitted("before".into()).await, 3);
+    let old_master = sentinels.master.port;
+    sentinels.master.kill();
+    wait_until(
+        "the sentinels to promote the replica",
+        Duration::from_secs(30),
+        || {
+            let port = sentinels.current_master_port();
+            async move { port.is_some_and(|p| p != old_master) }
+        },
+    )
+    .await;
+    assert_eq!(
+        sentinels.current_master_port(),
+        Some(sentinels.replica.port)
+    );
+    // The gateway reconnects through the sentinels; decisions come from Redis again when the
+    // rate-limit headers are back (failed decisions fail open without them).
+    let mut probe = 0;
+    wait_until("decisions from the new master", Duration::from_secs(30), || {
+        probe += 1;
+        let req = client().get(gw.url("/")).header("x-user", format!("probe-{probe}"));
+        async move {
+            matches!(req.send().await, Ok(r) if r.status() == 200 && r.headers().contains_key("ratelimit"))
+        }
+    })
+    .await;
+    assert_eq!(
+        admitted("after".into()).await,
+        3,
+        "limits hold on the new master"
+    );
+    assert!(sentinels
+        .replica
+        .cli(&["EXISTS", "tollgate:r:per-user:{after}"])
+        .is_some_and(|v| v == "1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_switches_store_without_failing_requests() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let memory_yaml = redis_yaml("{ kind: memory }", &per_user(1000));
+    let gw = Arc::new(Gateway::start(&memory_yaml, up.addr).await);
+    let failures = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (gw, failures, sent, stop) = (gw.clone(), failures.clone(), sent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::SeqCst) {
+                let r = c.get(gw.url("/")).header("x-user", "load").send().await;
+                sent.fetch_add(1, Ordering::SeqCst);
+                if !matches!(r, Ok(resp) if resp.status() == 200) {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Rewrite the file with the proxy/admin ports it already uses, now on Redis.
+    let text = std::fs::read_to_string(&gw.config_path)
+        .unwrap()
+        .replace("{ kind: memory }", &standalone(&redis.url()));
+    std::fs::write(&gw.config_path, text).unwrap();
+    gw.signal("HUP");
+    wait_until("buckets in Redis", Duration::from_secs(10), || {
+        let exists = redis.cli(&["EXISTS", "tollgate:r:per-user:{load}"]);
+        async move { exists.as_deref() == Some("1") }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    assert!(sent.load(Ordering::SeqCst) > 20);
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "no request failed during the switch"
+    );
+    assert_eq!(gw.metric("tollgate_config_generation").await, Some(2.0));
+    let ready: serde_json::Value = reqwest::get(gw.admin_url("/ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["store"], "redis");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn username_and_password_come_from_the_url() {
+    let redis = RedisProcess::standalone();
+    assert_eq!(
+        redis
+            .cli(&["ACL", "SETUSER", "gate", "on", ">s3cret", "~*", "&*", "+@all"])
+            .as_deref(),
+        Some("OK")
+    );
+    assert_eq!(
+        redis.cli(&["ACL", "SETUSER", "default", "off"]).as_deref(),
+        Some("OK")
+    );
+    let up = Upstream::start();
+    let url = format!("redis://gate:s3cret@127.0.0.1:{}", redis.port);
+    let gw = Gateway::start(&redis_yaml(&standalone(&url), &per_user(2)), up.addr).await;
+    let statuses = [
+        status(&gw, "u").await,
+        status(&gw, "u").await,
+        status(&gw, "u").await,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_urls_speak_tls() {
+    let (redis, ca) = RedisProcess::tls();
+    let up = Upstream::start();
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let ca = ca.to_string_lossy().into_owned();
+    let gw = Gateway::start_full(
+        &redis_yaml(&standalone(&url), &per_user(2)),
+        up.addr,
+        &[],
+        &[("SSL_CERT_FILE", ca.as_str())],
+    )
+    .await;
+    let statuses = [
+        status(&gw, "t").await,
+        status(&gw, "t").await,
+        status(&gw, "t").await,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+    assert_eq!(
+        redis.cli(&["EXISTS", "tollgate:r:per-user:{t}"]).as_deref(),
+        Some("1")
+    );
+}
