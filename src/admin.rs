@@ -38,6 +38,7 @@ impl AdminApp {
             "status": state,
             "store": store,
             "store_healthy": healthy,
+            "breaker": self.shared.decider.breaker_state().name(),
             "config_generation": self.shared.generation(),
         });
         if !healthy {

@@ -36,6 +36,7 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub memory_buckets: IntGaugeVec,
     pub in_flight: IntGauge,
+    pub runtime_tasks: IntGaugeVec,
 }
 
 fn fail(e: prometheus::Error) -> String {
@@ -118,8 +119,17 @@ impl Metrics {
             "Requests being processed by the proxy",
         )
         .map_err(fail)?;
+        let runtime_tasks = IntGaugeVec::new(
+            Opts::new(
+                "tollgate_runtime_alive_tasks",
+                "Tokio tasks alive on the proxy and store runtimes (a leak shows as growth)",
+            ),
+            &["runtime"],
+        )
+        .map_err(fail)?;
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(runtime_tasks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()),
             Box::new(decision_duration.clone()),
             Box::new(store_errors.clone()),
             Box::new(breaker_state.clone()),
@@ -151,6 +161,7 @@ impl Metrics {
             upstream_duration,
             memory_buckets,
             in_flight,
+            runtime_tasks,
         })
     }
 

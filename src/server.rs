@@ -168,6 +168,7 @@ impl BackgroundService for Supervisor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
         self.shared.store().connect().await;
+        let mut sample = tokio::time::interval(Duration::from_secs(1));
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             tracing::error!("cannot install the SIGHUP handler; reload on SIGHUP is off");
             return;
@@ -177,6 +178,13 @@ impl BackgroundService for Supervisor {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading config");
                     let _ = self.shared.reload().await;
+                }
+                _ = sample.tick() => {
+                    self.shared
+                        .metrics
+                        .runtime_tasks
+                        .with_label_values(&["store"])
+                        .set(tokio::runtime::Handle::current().metrics().num_alive_tasks() as i64);
                 }
                 _ = shutdown.changed() => return,
             }

@@ -4,10 +4,12 @@
 
 use crate::config::model::{StoreConfig, StoreKindConfig};
 use crate::config::{self, Config, ConfigError};
+use crate::limiter::breaker::Breaker;
 use crate::limiter::clock::MonotonicClock;
+use crate::limiter::guarded::Decider;
 use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::RedisStore;
-use crate::limiter::{Store, StoreError};
+use crate::limiter::{Store, StoreError, StoreKind};
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
@@ -83,6 +85,8 @@ pub struct Shared {
     config: ArcSwap<Config>,
     generation: AtomicU64,
     store: ArcSwap<StoreSlot>,
+    /// The breaker and local fallback around the store.
+    pub decider: Decider,
     pub metrics: Arc<Metrics>,
     in_flight: AtomicUsize,
     /// The file the config came from, for reloads (none for the embedded demo).
@@ -96,10 +100,23 @@ impl Shared {
         metrics: Arc<Metrics>,
         config_path: Option<PathBuf>,
     ) -> Arc<Shared> {
+        let clock = Arc::new(MonotonicClock::new());
+        let breaker = Arc::new(Breaker::new(
+            &config.breaker,
+            clock.clone(),
+            metrics.breaker_state.clone(),
+        ));
+        let local = Arc::new(MemoryStore::with_kind(
+            usize::try_from(config.store.max_buckets).unwrap_or(usize::MAX),
+            clock,
+            StoreKind::LocalFallback,
+        ));
+        let decider = Decider::new(breaker, local, metrics.clone());
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(config),
             generation: AtomicU64::new(1),
             store: ArcSwap::from_pointee(store),
+            decider,
             metrics,
             in_flight: AtomicUsize::new(0),
             config_path,
@@ -125,6 +142,7 @@ impl Shared {
 
     /// Makes `config` the one in force for new requests.
     pub fn install(&self, config: Config) -> u64 {
+        self.decider.breaker.configure(&config.breaker);
         self.config.store(Arc::new(config));
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.metrics.config_generation.set(generation as i64);

@@ -222,16 +222,27 @@ async fn sentinel_failover_is_followed() {
         sentinels.current_master_port(),
         Some(sentinels.replica.port)
     );
-    // The gateway reconnects through the sentinels; decisions come from Redis again when the
-    // rate-limit headers are back (failed decisions fail open without them).
+    // The gateway reconnects through the sentinels; decisions come from Redis again when a
+    // request's bucket shows up on the new master (meanwhile the local fallback decides).
     let mut probe = 0;
-    wait_until("decisions from the new master", Duration::from_secs(30), || {
-        probe += 1;
-        let req = client().get(gw.url("/")).header("x-user", format!("probe-{probe}"));
-        async move {
-            matches!(req.send().await, Ok(r) if r.status() == 200 && r.headers().contains_key("ratelimit"))
-        }
-    })
+    let replica_port = sentinels.replica.port;
+    wait_until(
+        "decisions from the new master",
+        Duration::from_secs(30),
+        || {
+            probe += 1;
+            let user = format!("probe-{probe}");
+            let req = client().get(gw.url("/")).header("x-user", user.clone());
+            async move {
+                let _ = req.send().await;
+                let out = std::process::Command::new("redis-cli")
+                    .args(["-p", &replica_port.to_string(), "EXISTS"])
+                    .arg(format!("tollgate:r:per-user:{{{user}}}"))
+                    .output();
+                matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).trim() == "1")
+            }
+        },
+    )
     .await;
     assert_eq!(
         admitted("after".into()).await,

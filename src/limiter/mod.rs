@@ -5,8 +5,10 @@
 //! Parts: [`gcra`] (the token-bucket arithmetic, shared by every store), [`memory`] (the sharded,
 //! bounded in-process store), [`clock`] (injected time), [`plan`] (route + request → decision).
 
+pub mod breaker;
 pub mod clock;
 pub mod gcra;
+pub mod guarded;
 pub mod memory;
 pub mod plan;
 pub mod redis;
@@ -62,6 +64,18 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// The share of one of `instances` gateways: rate/N and burst/N (at least 1).
+    pub fn per_instance(&self, instances: u32) -> Policy {
+        let n = instances.max(1);
+        Policy {
+            rate: Rate {
+                count: self.rate.count,
+                period: self.rate.period.saturating_mul(n),
+            },
+            burst: (self.burst / u64::from(n)).max(1),
+        }
+    }
+
     /// Time to refill an empty bucket, in whole seconds rounded up (the IETF `w` parameter).
     pub fn window_secs(&self) -> u64 {
         ceil_secs(self.rate.interval_ns().saturating_mul(self.burst))

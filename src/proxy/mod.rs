@@ -9,6 +9,7 @@ pub mod ctx;
 pub mod response;
 
 use crate::keys::{self, RequestView};
+use crate::limiter::guarded::Via;
 use crate::limiter::plan::{self, Decision};
 use crate::metrics::{status_class, NO_ROUTE_LABEL};
 use crate::routes::normalize_host;
@@ -88,6 +89,7 @@ impl ProxyHttp for Gateway {
             return send(session, resp, body).await;
         };
 
+        let mut fallback = false;
         let decision = if route.limits.is_empty() {
             Decision::unlimited()
         } else {
@@ -113,33 +115,43 @@ impl ProxyHttp for Gateway {
                 client_ip,
                 path_params: captures.as_ref(),
             };
-            let plan = plan::plan(&route, &view, config.client_ip.ipv6_prefix);
+            let mut plan = plan::plan(&route, &view, config.client_ip.ipv6_prefix);
             if plan.requests.is_empty() || !plan.missing_denied.is_empty() {
                 Decision::from_outcomes(plan, Vec::new())
             } else {
-                let started = Instant::now();
-                let store = self.shared.store();
-                let result = store.store.decide(&plan.requests).await;
-                self.shared
-                    .metrics
-                    .decision_duration
-                    .with_label_values(&[store.store.kind().label()])
-                    .observe(started.elapsed().as_secs_f64());
-                match result {
-                    Ok(outcomes) => Decision::from_outcomes(plan, outcomes),
-                    Err(e) => {
-                        // Until the breaker and its local fallback exist, a failed decision
-                        // fails open, counted.
-                        self.shared
-                            .metrics
-                            .store_errors
-                            .with_label_values(&[e.kind_label()])
-                            .inc();
-                        tracing::warn!(error = %e, route = %route.name, "store decision failed");
+                let slot = self.shared.store();
+                let guarded = self
+                    .shared
+                    .decider
+                    .decide(&slot, &config.breaker, &plan.requests)
+                    .await;
+                match guarded.via {
+                    Via::Store => Decision::from_outcomes(plan, guarded.outcomes),
+                    Via::LocalFallback => {
+                        fallback = true;
+                        let n = config.breaker.fallback_instances;
+                        for (_, policy) in &mut plan.limits {
+                            *policy = policy.per_instance(n);
+                        }
+                        Decision::from_outcomes(plan, guarded.outcomes)
+                    }
+                    Via::AllowFallback => {
                         self.count(&route.name, "fallback_allowed", ctx);
                         ctx.route = Some(route);
                         ctx.config = Some(config);
                         return Ok(false);
+                    }
+                    Via::DenyFallback { retry_after_ns } => {
+                        self.count(&route.name, "fallback_limited", ctx);
+                        let (mut resp, body) =
+                            response::problem(503, "Service Unavailable", "limiter_unavailable")?;
+                        resp.insert_header(
+                            "Retry-After",
+                            crate::limiter::ceil_secs(retry_after_ns).max(1).to_string(),
+                        )?;
+                        ctx.route = Some(route);
+                        ctx.config = Some(config);
+                        return send(session, resp, body).await;
                     }
                 }
             }
@@ -147,7 +159,15 @@ impl ProxyHttp for Gateway {
 
         ctx.config = Some(config);
         if decision.allowed {
-            self.count(&route.name, "allowed", ctx);
+            self.count(
+                &route.name,
+                if fallback {
+                    "fallback_allowed"
+                } else {
+                    "allowed"
+                },
+                ctx,
+            );
             if !route.shadow {
                 ctx.decision = Some(decision);
             }
@@ -159,7 +179,15 @@ impl ProxyHttp for Gateway {
                 "shadow mode: request would have been limited"
             );
         } else {
-            self.count(&route.name, "limited", ctx);
+            self.count(
+                &route.name,
+                if fallback {
+                    "fallback_limited"
+                } else {
+                    "limited"
+                },
+                ctx,
+            );
             let (resp, body) = response::too_many_requests(&route.name, &decision, route.headers)?;
             ctx.route = Some(route);
             return send(session, resp, body).await;
@@ -285,6 +313,13 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            self.shared
+                .metrics
+                .runtime_tasks
+                .with_label_values(&["proxy"])
+                .set(handle.metrics().num_alive_tasks() as i64);
+        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route.as_ref().map_or(NO_ROUTE_LABEL, |r| &r.name);
         tracing::debug!(
