@@ -276,3 +276,89 @@ pub fn header(resp: &reqwest::Response, name: &str) -> String {
         .unwrap_or("")
         .to_string()
 }
+
+/// A TCP relay on loopback that can add latency to every chunk it forwards (a slow Redis).
+pub struct Relay {
+    pub addr: SocketAddr,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Relay {
+    pub fn start(target: SocketAddr) -> Relay {
+        let std_listener = StdListener::bind("127.0.0.1:0").expect("bind relay");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("addr");
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                loop {
+                    let Ok((inbound, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let delay = delay.clone();
+                    tokio::spawn(async move {
+                        let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let (ri, wi) = inbound.into_split();
+                        let (ro, wo) = outbound.into_split();
+                        tokio::select! {
+                            _ = pump(ri, wo, delay.clone()) => {}
+                            _ = pump(ro, wi, delay) => {}
+                        }
+                    });
+                }
+            });
+        });
+        Relay { addr, delay_ms }
+    }
+
+    pub fn set_delay(&self, ms: u64) {
+        self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Arc<std::sync::atomic::AtomicU64>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let ms = delay.load(Ordering::SeqCst);
+        if ms > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Numbers from /proc for a process: open fds, threads, resident memory in kB.
+pub fn proc_stats(pid: u32) -> (usize, usize, usize) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (fds, field("Threads:"), field("VmRSS:"))
+}

@@ -1,0 +1,345 @@
+//! Fault tests with real processes: Redis killed, paused (SIGSTOP), slowed by a relay,
+//! restarted empty, and flapping, while clients keep sending. The API must stay up (no 5xx
+//! from the limiter, no request waiting much past `timeout_ms`) and still be limited.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::redis::RedisProcess;
+use common::{client, proc_stats, wait_until, Gateway, Relay, Upstream};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Per-decision budget in these tests.
+const TIMEOUT_MS: u64 = 50;
+/// What a request may take beyond the budget (debug build, 2 shared cores, loaded machine).
+const MARGIN_MS: u64 = 400;
+
+fn yaml(redis: SocketAddr, fallback: &str) -> String {
+    format!(
+        r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+store: {{ kind: redis, redis: {{ urls: ["redis://{redis}"], timeout_ms: {TIMEOUT_MS} }} }}
+breaker: {{ failure_threshold: 3, open_ms: 300, fallback: {fallback}, fallback_instances: 1 }}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes:
+  - {{ name: r, upstream: app, limits: [ {{ name: per-client, key: ["header:x-client"], rate: "1/h", burst: 5 }} ] }}
+"#
+    )
+}
+
+#[derive(Default)]
+struct Record {
+    /// (client, status, latency)
+    results: Vec<(usize, u16, Duration)>,
+}
+
+/// Clients each sending with their own key until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    record: Arc<Mutex<Record>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(gw: &Gateway, clients: usize, key_prefix: &str) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let record = Arc::new(Mutex::new(Record::default()));
+        let tasks = (0..clients)
+            .map(|i| {
+                let (stop, record) = (stop.clone(), record.clone());
+                let url = gw.url("/");
+                let key = format!("{key_prefix}-{i}");
+                tokio::spawn(async move {
+                    let c = reqwest::Client::builder()
+                        .timeout(Duration::from_secs(5))
+                        .build()
+                        .unwrap();
+                    while !stop.load(Ordering::SeqCst) {
+                        let started = Instant::now();
+                        let status = match c.get(&url).header("x-client", &key).send().await {
+                            Ok(r) => r.status().as_u16(),
+                            Err(_) => 0,
+                        };
+                        record
+                            .lock()
+                            .unwrap()
+                            .results
+                            .push((i, status, started.elapsed()));
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            record,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> Vec<(usize, u16, Duration)> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        std::mem::take(&mut self.record.lock().unwrap().results)
+    }
+}
+
+/// No 5xx and no failed request; nothing slower than the budget plus a margin.
+fn assert_available(results: &[(usize, u16, Duration)]) {
+    assert!(results.len() > 50, "load ran: {} requests", results.len());
+    let bad: Vec<_> = results
+        .iter()
+        .filter(|(_, s, _)| *s != 200 && *s != 429)
+        .collect();
+    assert!(bad.is_empty(), "failed requests: {bad:?}");
+    let slowest = results.iter().map(|(_, _, d)| *d).max().unwrap();
+    assert!(
+        slowest < Duration::from_millis(TIMEOUT_MS + MARGIN_MS),
+        "a request took {slowest:?}"
+    );
+}
+
+async fn breaker_state(gw: &Gateway) -> Option<f64> {
+    gw.metric("tollgate_breaker_state ").await
+}
+
+async fn wait_breaker(gw: &Gateway, state: f64, what: &str) {
+    wait_until(what, Duration::from_secs(15), || async move {
+        breaker_state(gw).await == Some(state)
+    })
+    .await;
+}
+
+async fn counter(gw: &Gateway, decision: &str) -> f64 {
+    gw.metric(&format!(
+        r#"tollgate_requests_total{{decision="{decision}",route="r"}}"#
+    ))
+    .await
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_redis_under_load_keeps_serving_and_limiting() {
+    let mut redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let gw = Gateway::start(&yaml(addr, "local"), up.addr).await;
+    let load = Load::start(&gw, 4, "kill");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.kill();
+    wait_breaker(&gw, 1.0, "the breaker to open").await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let results = load.finish().await;
+    assert_available(&results);
+    for client in 0..4 {
+        let admitted = results
+            .iter()
+            .filter(|(c, s, _)| *c == client && *s == 200)
+            .count();
+        // 5 from Redis before the kill, at most 5 more from the fresh local bucket.
+        assert!(
+            (5..=10).contains(&admitted),
+            "client {client}: {admitted} admitted"
+        );
+    }
+    assert!(
+        counter(&gw, "fallback_limited").await > 0.0,
+        "fallback still limits"
+    );
+    let errors = gw
+        .metric(r#"tollgate_store_errors_total{kind="connection"}"#)
+        .await
+        .unwrap_or(0.0)
+        + gw.metric(r#"tollgate_store_errors_total{kind="timeout"}"#)
+            .await
+            .unwrap_or(0.0);
+    assert!(errors >= 3.0, "failures counted: {errors}");
+    let ready: serde_json::Value = reqwest::get(gw.admin_url("/ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "degraded");
+    // Each transition is logged once: at most one reopening per open_ms (300 ms) of outage,
+    // not one line per failed request.
+    let opened = gw.log().matches("breaker opened").count();
+    let fallback_decisions =
+        counter(&gw, "fallback_allowed").await + counter(&gw, "fallback_limited").await;
+    assert!(
+        (1..=8).contains(&opened) && fallback_decisions > 10.0 * opened as f64,
+        "{opened} 'breaker opened' lines for {fallback_decisions} fallback decisions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigstop_then_sigcont_recovers() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let gw = Gateway::start(&yaml(addr, "local"), up.addr).await;
+    let load = Load::start(&gw, 4, "stop");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    redis.signal("STOP");
+    wait_breaker(&gw, 1.0, "the breaker to open on a hung Redis").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    redis.signal("CONT");
+    wait_breaker(&gw, 0.0, "the breaker to close after SIGCONT").await;
+    let results = load.finish().await;
+    assert_available(&results);
+    assert!(counter(&gw, "fallback_allowed").await > 0.0);
+    // Decisions come from Redis again.
+    let c = client();
+    for _ in 0..3 {
+        c.get(gw.url("/"))
+            .header("x-client", "after-cont")
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        redis
+            .cli(&["EXISTS", "tollgate:r:per-client:{after-cont}"])
+            .as_deref(),
+        Some("1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_redis_opens_the_breaker_and_fast_redis_closes_it() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let gw = Gateway::start(&yaml(relay.addr, "local"), up.addr).await;
+    let load = Load::start(&gw, 3, "slow");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    relay.set_delay(TIMEOUT_MS * 3);
+    wait_breaker(&gw, 1.0, "the breaker to open on a slow Redis").await;
+    assert!(
+        gw.metric(r#"tollgate_store_errors_total{kind="timeout"}"#)
+            .await
+            .unwrap()
+            >= 3.0
+    );
+    relay.set_delay(0);
+    wait_breaker(&gw, 0.0, "the breaker to close when Redis is fast again").await;
+    let results = load.finish().await;
+    assert_available(&results);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_reloads_the_script() {
+    let mut redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let gw = Gateway::start(&yaml(addr, "local"), up.addr).await;
+    let c = client();
+    c.get(gw.url("/"))
+        .header("x-client", "before")
+        .send()
+        .await
+        .unwrap();
+    redis.restart();
+    assert_eq!(
+        redis
+            .cli(&["SCRIPT", "EXISTS", &sha1_of_script()])
+            .as_deref(),
+        Some("0"),
+        "the new server has no script"
+    );
+    let mut n = 0;
+    wait_until(
+        "decisions from the restarted Redis",
+        Duration::from_secs(15),
+        || {
+            n += 1;
+            let key = format!("after-{n}");
+            let req = c.get(gw.url("/")).header("x-client", key.clone());
+            let redis = &redis;
+            async move {
+                let ok = matches!(req.send().await, Ok(r) if r.status() == 200);
+                ok && redis
+                    .cli(&["EXISTS", &format!("tollgate:r:per-client:{{{key}}}")])
+                    .as_deref()
+                    == Some("1")
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        redis
+            .cli(&["SCRIPT", "EXISTS", &sha1_of_script()])
+            .as_deref(),
+        Some("1"),
+        "the script was loaded again"
+    );
+}
+
+fn sha1_of_script() -> String {
+    use fred::types::scripts::Script;
+    Script::from_lua(tollgate::limiter::redis::TOKEN_BUCKET_LUA)
+        .sha1()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flapping_redis_leaks_nothing() {
+    let mut redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let gw = Gateway::start(&yaml(addr, "local"), up.addr).await;
+    let pid = gw.child.id();
+    // Warm up, then take the baseline.
+    let warm = Load::start(&gw, 3, "warm");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    warm.finish().await;
+    let (fds0, threads0, rss0) = proc_stats(pid);
+    let tasks0 = gw
+        .metric(r#"tollgate_runtime_alive_tasks{runtime="proxy"}"#)
+        .await
+        .unwrap_or(0.0);
+
+    let load = Load::start(&gw, 3, "flap");
+    for _ in 0..6 {
+        redis.kill();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        redis.restart();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_breaker(&gw, 0.0, "the breaker to settle closed").await;
+    let results = load.finish().await;
+    assert_available(&results);
+    assert!(gw.child.id() == pid && std::fs::metadata(format!("/proc/{pid}")).is_ok());
+
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (fds1, threads1, rss1) = proc_stats(pid);
+    assert!(fds1 <= fds0 + 8, "fds {fds0} -> {fds1}");
+    assert!(threads1 <= threads0 + 2, "threads {threads0} -> {threads1}");
+    assert!(rss1 < rss0 + 50 * 1024, "rss {rss0} kB -> {rss1} kB");
+    let tasks1 = gw
+        .metric(r#"tollgate_runtime_alive_tasks{runtime="proxy"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(tasks1 <= tasks0 + 8.0, "proxy tasks {tasks0} -> {tasks1}");
+    let store_tasks = gw
+        .metric(r#"tollgate_runtime_alive_tasks{runtime="store"}"#)
+        .await
+        .unwrap_or(0.0);
+    assert!(store_tasks <= 12.0, "store runtime tasks: {store_tasks}");
+    let clients: usize = redis
+        .cli(&["CLIENT", "LIST"])
+        .unwrap()
+        .lines()
+        .filter(|l| !l.contains("cmd=client"))
+        .count();
+    assert!(
+        clients <= 2,
+        "connections from the gateway to Redis: {clients}"
+    );
+}
