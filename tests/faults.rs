@@ -343,3 +343,66 @@ async fn flapping_redis_leaks_nothing() {
         "connections from the gateway to Redis: {clients}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_and_deny_fallbacks() {
+    let mut redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let allow = Gateway::start(&yaml(addr, "allow"), up.addr).await;
+    let deny = Gateway::start(&yaml(addr, "deny"), up.addr).await;
+    redis.kill();
+    let c = client();
+    for _ in 0..8 {
+        let r = c
+            .get(allow.url("/"))
+            .header("x-client", "a")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "fallback allow fails open");
+        assert!(r.headers().get("ratelimit").is_none());
+        let r = c
+            .get(deny.url("/"))
+            .header("x-client", "d")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "fallback deny refuses");
+        let retry: u64 = r.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(retry >= 1);
+    }
+    assert_eq!(counter(&allow, "fallback_allowed").await, 8.0);
+    assert_eq!(counter(&deny, "fallback_limited").await, 8.0);
+    // Readiness: `allow` keeps the gateway ready (degraded); `deny` does not.
+    let ready = |gw: &Gateway| {
+        let url = gw.admin_url("/ready");
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let (status, body) = ready(&allow).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("degraded")));
+    wait_until(
+        "deny gateway to notice Redis is gone",
+        Duration::from_secs(5),
+        || {
+            let url = deny.admin_url("/ready");
+            async move { matches!(reqwest::get(url).await, Ok(r) if r.status() == 503) }
+        },
+    )
+    .await;
+    let (_, body) = ready(&deny).await;
+    assert!(
+        body["reason"].as_str().unwrap().contains("not answering"),
+        "{body}"
+    );
+}
