@@ -6,7 +6,7 @@ use super::raw::*;
 use crate::keys::{self, KeyPart, KeySpec};
 use crate::limiter::{Limit, OnMissingKey, Policy, Rate};
 use crate::routes::{HeaderFlags, HostMatch, PathMatch, Route, RouteMatch, Router};
-use crate::upstream::Upstream;
+use crate::upstream::{Target, Upstream};
 use ipnet::IpNet;
 use regex::Regex;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -193,11 +193,17 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         if up.targets.is_empty() {
             check.err(format!("{path}.targets"), "needs at least one HOST:PORT");
         }
-        let targets: Vec<SocketAddr> = up
+        let targets: Vec<Target> = up
             .targets
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| socket_addr(&mut check, &format!("{path}.targets[{i}]"), t))
+            .filter_map(|(i, t)| match Target::parse(t) {
+                Ok(target) => Some(target),
+                Err(msg) => {
+                    check.err(format!("{path}.targets[{i}]"), msg);
+                    None
+                }
+            })
             .collect();
         let connect = positive_ms(
             &mut check,

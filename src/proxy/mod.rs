@@ -206,6 +206,11 @@ impl ProxyHttp for Gateway {
             .next_target()
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "upstream has no targets"))?;
         ctx.attempts += 1;
+        let target = target.resolve().await.map_err(|msg| {
+            let mut e = Error::explain(ErrorType::ConnectNoRoute, msg);
+            e.esource = ErrorSource::Upstream;
+            e
+        })?;
         ctx.upstream_start = Some(Instant::now());
         let mut peer = HttpPeer::new(target, false, String::new());
         peer.options.connection_timeout = Some(upstream.connect_timeout);
