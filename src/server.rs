@@ -8,7 +8,7 @@ use crate::demo::DemoUpstream;
 use crate::limiter::StoreError;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::state::{Shared, StoreSlot};
+use crate::state::{ReloadTrigger, Shared, StoreSlot};
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
@@ -157,8 +157,8 @@ fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) 
     });
 }
 
-/// Connects the store (its connection tasks live on this service's runtime) and reloads the
-/// config file on SIGHUP.
+/// Connects the store (its connection tasks live on this service's runtime), reloads the
+/// config file when it changes or on SIGHUP, and samples the runtime's task count.
 struct Supervisor {
     shared: Arc<Shared>,
 }
@@ -169,6 +169,19 @@ impl BackgroundService for Supervisor {
         use tokio::signal::unix::{signal, SignalKind};
         self.shared.store().connect().await;
         let mut sample = tokio::time::interval(Duration::from_secs(1));
+        let mut watcher = match &self.shared.config_path {
+            Some(path) => match crate::config::watch::watch(path) {
+                Ok(w) => {
+                    tracing::info!(file = %path.display(), "watching the config file");
+                    Some(w)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch the config file; SIGHUP still reloads");
+                    None
+                }
+            },
+            None => None,
+        };
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             tracing::error!("cannot install the SIGHUP handler; reload on SIGHUP is off");
             return;
@@ -177,7 +190,15 @@ impl BackgroundService for Supervisor {
             tokio::select! {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading config");
-                    let _ = self.shared.reload().await;
+                    let _ = self.shared.reload(ReloadTrigger::Signal).await;
+                }
+                _ = async {
+                    match watcher.as_mut() {
+                        Some(w) => w.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let _ = self.shared.reload(ReloadTrigger::FileChanged).await;
                 }
                 _ = sample.tick() => {
                     self.shared

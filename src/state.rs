@@ -91,6 +91,18 @@ pub struct Shared {
     in_flight: AtomicUsize,
     /// The file the config came from, for reloads (none for the embedded demo).
     pub config_path: Option<PathBuf>,
+    /// Digest of the config text last loaded or rejected (a watch event that changed nothing
+    /// does not reload, and a bad file is reported once, not once per event).
+    last_digest: std::sync::Mutex<Option<u64>>,
+}
+
+/// Why a reload was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadTrigger {
+    /// SIGHUP: always reload.
+    Signal,
+    /// The file watcher: reload only if the text changed.
+    FileChanged,
 }
 
 impl Shared {
@@ -119,6 +131,12 @@ impl Shared {
             decider,
             metrics,
             in_flight: AtomicUsize::new(0),
+            last_digest: std::sync::Mutex::new(
+                config_path
+                    .as_deref()
+                    .and_then(|p| config::read(p).ok())
+                    .map(|t| config::digest(&t)),
+            ),
             config_path,
         });
         shared.metrics.config_generation.set(1);
@@ -153,22 +171,30 @@ impl Shared {
     /// Re-reads the config file; an invalid file leaves the running config in force. When the
     /// `store` section changed, the new store is built and connected first, then swapped in
     /// with the config; requests in flight finish on the old one, which is closed afterwards.
-    pub async fn reload(&self) -> Result<u64, ConfigError> {
+    pub async fn reload(&self, trigger: ReloadTrigger) -> Result<u64, ConfigError> {
         let Some(path) = &self.config_path else {
             return Ok(self.generation());
         };
-        let config = match config::load(path) {
-            Ok(config) => config,
-            Err(e) => {
-                self.metrics
-                    .config_reloads
-                    .with_label_values(&["error"])
-                    .inc();
-                for line in e.lines() {
-                    tracing::error!("config reload rejected, previous config kept: {line}");
-                }
-                return Err(e);
+        let text = match config::read(path) {
+            Ok(text) => text,
+            Err(e) if trigger == ReloadTrigger::FileChanged && !path.exists() => {
+                // Mid-rename, or deleted: keep serving and wait for the next event.
+                tracing::debug!(error = %e, "config file absent; waiting for it to reappear");
+                return Ok(self.generation());
             }
+            Err(e) => return Err(self.rejected(e)),
+        };
+        let digest = config::digest(&text);
+        {
+            let mut last = self.last_digest.lock().unwrap_or_else(|p| p.into_inner());
+            if trigger == ReloadTrigger::FileChanged && *last == Some(digest) {
+                return Ok(self.generation());
+            }
+            *last = Some(digest);
+        }
+        let config = match config::load_text(&text, path) {
+            Ok(config) => config,
+            Err(e) => return Err(self.rejected(e)),
         };
         if config.store != self.store().config {
             match StoreSlot::build(&config.store) {
@@ -201,6 +227,17 @@ impl Shared {
         self.metrics.config_reloads.with_label_values(&["ok"]).inc();
         tracing::info!(generation, file = %path.display(), "config reloaded");
         Ok(generation)
+    }
+
+    fn rejected(&self, e: ConfigError) -> ConfigError {
+        self.metrics
+            .config_reloads
+            .with_label_values(&["error"])
+            .inc();
+        for line in e.lines() {
+            tracing::error!("config reload rejected, previous config kept: {line}");
+        }
+        e
     }
 
     fn touch_metrics(&self) {

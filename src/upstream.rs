@@ -133,7 +133,9 @@ mod tests {
             Duration::from_secs(1),
             Duration::from_secs(1),
         );
-        let picked: Vec<u16> = (0..4).filter_map(|_| up.next_target().map(|t| t.port)).collect();
+        let picked: Vec<u16> = (0..4)
+            .filter_map(|_| up.next_target().map(|t| t.port))
+            .collect();
         assert_eq!(picked, [1, 2, 1, 2]);
     }
 
@@ -141,7 +143,15 @@ mod tests {
     fn parses_names_and_addresses() {
         assert_eq!(target("[::1]:80").port, 80);
         assert_eq!(target("redis-0.cache.svc:6379").host, "redis-0.cache.svc");
-        for bad in ["nohost", ":80", "host:", "host:http", "a b:80", "host:0", "1.2.3.999:80"] {
+        for bad in [
+            "nohost",
+            ":80",
+            "host:",
+            "host:http",
+            "a b:80",
+            "host:0",
+            "1.2.3.999:80",
+        ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
     }
@@ -156,6 +166,8 @@ mod tests {
             .block_on(target("localhost:8080").resolve())
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(addr.ip().is_loopback());
-        assert!(rt.block_on(target("no-such-host.invalid:80").resolve()).is_err());
+        assert!(rt
+            .block_on(target("no-such-host.invalid:80").resolve())
+            .is_err());
     }
 }

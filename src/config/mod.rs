@@ -7,6 +7,7 @@ pub mod error;
 pub mod locate;
 pub mod model;
 pub mod raw;
+pub mod watch;
 
 pub use error::{ConfigError, Problem};
 pub use model::Config;
@@ -33,14 +34,31 @@ pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
 
 /// Reads, parses and validates a file. `TOLLGATE_ADMIN_TOKEN`, when set, replaces `admin.token`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        file: file.clone(),
+    let text = read(path)?;
+    load_text(&text, path)
+}
+
+/// Reads a config file's text.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        file: path.display().to_string(),
         source,
-    })?;
-    let mut config = parse(&text, &file)?;
+    })
+}
+
+/// Parses and validates text read from `path`, with environment overrides applied.
+pub fn load_text(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    let mut config = parse(text, &path.display().to_string())?;
     apply_env(&mut config);
     Ok(config)
+}
+
+/// A digest of a file's text, to tell a real change from an event that changed nothing.
+pub fn digest(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
 }
 
 /// Environment overrides that apply to every loaded config.

@@ -58,7 +58,7 @@ async fn serve(std_listener: StdListener, counter: Arc<AtomicUsize>) {
                 async move {
                     counter.fetch_add(1, Ordering::SeqCst);
                     let query = req.uri().query().unwrap_or("").to_string();
-                    if req.uri().path() == "/slow" {
+                    if req.uri().path().ends_with("/slow") {
                         let ms: u64 = query
                             .strip_prefix("ms=")
                             .and_then(|v| v.parse().ok())
@@ -184,6 +184,40 @@ impl Gateway {
             admin,
             dir,
             config_path,
+        };
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Starts the gateway on an existing config file (its addresses already filled in).
+    pub async fn start_at(config_path: &std::path::Path) -> Gateway {
+        let text = std::fs::read_to_string(config_path).expect("read config");
+        let find = |key: &str| -> SocketAddr {
+            let at = text.find(key).expect("address in config") + key.len();
+            let rest = &text[at..];
+            let start = rest.find('"').expect("quote") + 1;
+            let end = rest[start..].find('"').expect("quote") + start;
+            rest[start..end].parse().expect("socket address")
+        };
+        let proxy = find("listen:");
+        let admin = find("admin:");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
+        let child = Command::new(bin())
+            .arg("--config")
+            .arg(config_path)
+            .env("RUST_LOG", "info")
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tollgate");
+        let gw = Gateway {
+            child,
+            proxy,
+            admin,
+            dir,
+            config_path: config_path.to_path_buf(),
         };
         gw.wait_ready().await;
         gw

@@ -1,0 +1,241 @@
+//! Hot reload: by rename, by in-place write, through a Kubernetes-style ConfigMap symlink, and
+//! on SIGHUP; a bad file keeps the old config under load; in-flight requests and bucket state
+//! survive a reload.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{client, wait_until, Gateway, Upstream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const BASE: &str = r#"
+listen: ["{PROXY}"]
+admin: { listen: "{ADMIN}" }
+upstreams: { app: { targets: ["{UPSTREAM}"], read_timeout_ms: 5000 } }
+routes:
+"#;
+
+fn with_routes(routes: &str) -> String {
+    format!("{BASE}{routes}")
+}
+
+const ONE: &str = r#"  - { name: one, match: { path_prefix: "/one" }, upstream: app, limits: [ { name: l, key: ["ip"], rate: "1/h", burst: 3 } ] }
+"#;
+const TWO: &str = r#"  - { name: two, match: { path_prefix: "/two" }, upstream: app }
+"#;
+
+/// The running gateway's file text with its routes replaced.
+fn rewrite(gw: &Gateway, routes: &str) -> String {
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let head = &text[..text.find("routes:").unwrap() + "routes:\n".len()];
+    format!("{head}{routes}")
+}
+
+async fn generation(gw: &Gateway) -> f64 {
+    gw.metric("tollgate_config_generation ").await.unwrap()
+}
+
+async fn wait_generation(gw: &Gateway, want: f64) {
+    wait_until(
+        &format!("config generation {want}"),
+        Duration::from_secs(10),
+        || async move { generation(gw).await == want },
+    )
+    .await;
+}
+
+async fn status(gw: &Gateway, path: &str) -> u16 {
+    client()
+        .get(gw.url(path))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_by_rename_keeps_unchanged_buckets() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&with_routes(ONE), up.addr).await;
+    assert_eq!(status(&gw, "/one").await, 200);
+    assert_eq!(status(&gw, "/one").await, 200);
+    assert_eq!(status(&gw, "/two").await, 404);
+    // An editor's save: write a temp file next to it, rename it over the original.
+    let tmp = gw.config_path.with_extension("yaml.tmp");
+    std::fs::write(&tmp, rewrite(&gw, &format!("{ONE}{TWO}"))).unwrap();
+    std::fs::rename(&tmp, &gw.config_path).unwrap();
+    wait_generation(&gw, 2.0).await;
+    assert_eq!(status(&gw, "/two").await, 200);
+    // `one`'s limit did not change: its bucket kept its state (1 token of 3 left).
+    assert_eq!(status(&gw, "/one").await, 200);
+    assert_eq!(status(&gw, "/one").await, 429);
+    assert_eq!(
+        gw.metric(r#"tollgate_config_reloads_total{result="ok"}"#)
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_by_in_place_write() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&with_routes(ONE), up.addr).await;
+    let text = rewrite(&gw, TWO);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .truncate(true)
+            .open(&gw.config_path)
+            .unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+    wait_generation(&gw, 2.0).await;
+    assert_eq!(status(&gw, "/two").await, 200);
+    assert_eq!(status(&gw, "/one").await, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_even_when_nothing_changed() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&with_routes(ONE), up.addr).await;
+    gw.signal("HUP");
+    wait_generation(&gw, 2.0).await;
+    gw.signal("HUP");
+    wait_generation(&gw, 3.0).await;
+}
+
+fn symlink(target: &str, link: &Path) {
+    std::os::unix::fs::symlink(target, link).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_through_a_configmap_symlink_swap() {
+    let up = Upstream::start();
+    // Start on a plain file to learn the ports, then lay out a ConfigMap volume.
+    let plain = Gateway::start(&with_routes(ONE), up.addr).await;
+    let first = std::fs::read_to_string(&plain.config_path).unwrap();
+    let second = rewrite(&plain, TWO);
+    drop(plain);
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("..2026_11_23_v1");
+    std::fs::create_dir(&v1).unwrap();
+    std::fs::write(v1.join("gateway.yaml"), &first).unwrap();
+    symlink("..2026_11_23_v1", &dir.path().join("..data"));
+    symlink("..data/gateway.yaml", &dir.path().join("gateway.yaml"));
+    let gw = Gateway::start_at(&dir.path().join("gateway.yaml")).await;
+    assert_eq!(status(&gw, "/one").await, 200);
+    // What the kubelet does: a new timestamped dir, a new ..data link renamed over the old.
+    let v2 = dir.path().join("..2026_11_23_v2");
+    std::fs::create_dir(&v2).unwrap();
+    std::fs::write(v2.join("gateway.yaml"), &second).unwrap();
+    symlink("..2026_11_23_v2", &dir.path().join("..data_tmp"));
+    std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+    std::fs::remove_dir_all(&v1).unwrap();
+    wait_generation(&gw, 2.0).await;
+    assert_eq!(status(&gw, "/two").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_file_keeps_the_old_config_under_load() {
+    let up = Upstream::start();
+    let gw = Arc::new(
+        Gateway::start(
+            &with_routes(ONE.replace("burst: 3", "burst: 100000").as_str()),
+            up.addr,
+        )
+        .await,
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let load = {
+        let (gw, stop, failures, sent) = (gw.clone(), stop.clone(), failures.clone(), sent.clone());
+        tokio::spawn(async move {
+            let c = client();
+            while !stop.load(Ordering::SeqCst) {
+                let ok = matches!(c.get(gw.url("/one")).send().await, Ok(r) if r.status() == 200);
+                sent.fetch_add(1, Ordering::SeqCst);
+                if !ok {
+                    failures.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let good = std::fs::read_to_string(&gw.config_path).unwrap();
+    let bad = good.replace("rate: \"1/h\"", "rate: \"lots\"");
+    std::fs::write(&gw.config_path, &bad).unwrap();
+    wait_until(
+        "the bad file to be rejected",
+        Duration::from_secs(10),
+        || {
+            let gw = gw.clone();
+            async move {
+                gw.metric(r#"tollgate_config_reloads_total{result="error"}"#)
+                    .await
+                    == Some(1.0)
+            }
+        },
+    )
+    .await;
+    assert_eq!(
+        generation(&gw).await,
+        1.0,
+        "the old config is still in force"
+    );
+    let log = gw.log();
+    assert!(
+        log.contains("routes[0].limits[0].rate: expected N/s"),
+        "the log names the field: {log}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::fs::write(
+        &gw.config_path,
+        good.replace("/one", "/one")
+            .replace("burst: 100000", "burst: 100001"),
+    )
+    .unwrap();
+    wait_generation(&gw, 2.0).await;
+    stop.store(true, Ordering::SeqCst);
+    load.await.unwrap();
+    assert!(sent.load(Ordering::SeqCst) > 20);
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "no request failed");
+    assert_eq!(
+        gw.metric(r#"tollgate_config_reloads_total{result="error"}"#)
+            .await,
+        Some(1.0),
+        "reported once, not once per event"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_requests_finish_on_the_config_they_started_with() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&with_routes(ONE), up.addr).await;
+    let url = gw.url("/one/slow?ms=1000");
+    // The upstream sees /one/slow: answer slowly.
+    let slow = tokio::spawn(async move { client().get(url).send().await });
+    wait_until("the slow request upstream", Duration::from_secs(5), || {
+        let hits = up.hits();
+        async move { hits >= 1 }
+    })
+    .await;
+    std::fs::write(&gw.config_path, rewrite(&gw, TWO)).unwrap();
+    wait_generation(&gw, 2.0).await;
+    assert_eq!(
+        status(&gw, "/one").await,
+        404,
+        "new requests see the new config"
+    );
+    let resp = slow.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "the old request finished on its route");
+    assert!(
+        resp.headers().contains_key("ratelimit"),
+        "with its limit's headers"
+    );
+}
