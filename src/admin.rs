@@ -1,16 +1,79 @@
-//! The admin listener: `/health`, `/ready` and `/metrics` (the `/v1` API comes with the
-//! operations work). Bound to loopback unless configured otherwise.
+//! The admin listener: `/health`, `/ready`, `/metrics`, and the `/v1` API to read, reset and
+//! check buckets. Mutating calls (`DELETE`, `POST`) need `Authorization: Bearer <admin.token>`
+//! when a token is set. Bad input gets a 4xx with a JSON error, never a 500. Bound to loopback
+//! unless configured otherwise.
 
 use crate::config::model::{Fallback, StoreKindConfig};
+use crate::keys;
+use crate::limiter::guarded::Via;
+use crate::limiter::plan::{self, bucket_key, Decision};
+use crate::limiter::{ceil_secs, BucketRequest, Limit, Store};
 use crate::state::Shared;
 use async_trait::async_trait;
-use http::{Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
+use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest request body the admin API reads.
+pub const MAX_BODY: usize = 64 * 1024;
 
 pub struct AdminApp {
     shared: Arc<Shared>,
+}
+
+fn json_response(status: StatusCode, value: Value) -> Response<Vec<u8>> {
+    respond(status, "application/json", value.to_string().into_bytes())
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Vec<u8>> {
+    json_response(status, json!({"error": code, "message": message.into()}))
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let len = body.len();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(content_type) {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
+    resp
+}
+
+fn ms(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000)
+}
+
+/// Percent-decoded values of every `name=` parameter, in order.
+fn query_all(query: Option<&str>, name: &str) -> Vec<String> {
+    let Some(query) = query else {
+        return Vec::new();
+    };
+    query
+        .split('&')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (k == name).then(|| {
+                let decoded = keys::query_value(pair, k).unwrap_or_else(|| v.as_bytes().to_vec());
+                String::from_utf8_lossy(&decoded).into_owned()
+            })
+        })
+        .collect()
+}
+
+/// The body of a `/v1/check` call.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckRequest {
+    route: String,
+    #[serde(default)]
+    key: HashMap<String, String>,
+    cost: Option<u64>,
 }
 
 impl AdminApp {
@@ -34,7 +97,7 @@ impl AdminApp {
             (false, true) => (StatusCode::OK, "degraded"),
             (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
-        let mut body = serde_json::json!({
+        let mut body = json!({
             "status": state,
             "store": store,
             "store_healthy": healthy,
@@ -42,29 +105,251 @@ impl AdminApp {
             "config_generation": self.shared.generation(),
         });
         if !healthy {
-            body["reason"] = serde_json::Value::from(format!(
+            body["reason"] = Value::from(format!(
                 "store {store} is not answering; fallback: {:?}",
                 config.breaker.fallback
             ));
         }
-        json(status, body)
+        json_response(status, body)
+    }
+
+    fn authorized(&self, session: &ServerSession) -> bool {
+        let config = self.shared.config();
+        let Some(token) = config.admin.token.as_deref() else {
+            return true;
+        };
+        let given = session
+            .req_header()
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+    }
+
+    async fn limit_endpoint(
+        &self,
+        method: &Method,
+        route_name: &str,
+        limit_name: &str,
+        query: Option<&str>,
+    ) -> Response<Vec<u8>> {
+        let config = self.shared.config();
+        let Some(route) = config.router.by_name(route_name) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_route",
+                format!("no route {route_name:?}"),
+            );
+        };
+        let Some(limit) = route.limits.iter().find(|l| &*l.name == limit_name) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_limit",
+                format!("route {route_name:?} has no limit {limit_name:?}"),
+            );
+        };
+        let given = query_all(query, "key");
+        let parts: Vec<String> = limit
+            .key
+            .parts
+            .iter()
+            .map(|p| {
+                p.alternatives
+                    .iter()
+                    .map(|a| a.spec())
+                    .collect::<Vec<_>>()
+                    .join("|")
+            })
+            .collect();
+        let Some(value) = keys::value_from_parts(&limit.key, &given, config.client_ip.ipv6_prefix)
+        else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_key",
+                format!(
+                    "limit {limit_name:?} has {} key part(s) {parts:?}: give ?key=VALUE once per part, in order (got {})",
+                    parts.len(),
+                    given.len()
+                ),
+            );
+        };
+        let policy = limit.policy_for(&value);
+        let key = bucket_key(&route.name, &limit.name, &value);
+        let slot = self.shared.store();
+        let timeout = slot.config.redis.timeout.max(Duration::from_millis(200));
+        if method == Method::DELETE {
+            let reset = tokio::time::timeout(timeout, slot.store.reset(&key)).await;
+            let _ = self.shared.decider.local.reset(&key).await;
+            return match reset {
+                Ok(Ok(())) => json_response(
+                    StatusCode::OK,
+                    json!({"route": route_name, "limit": limit_name, "key": value, "reset": true}),
+                ),
+                Ok(Err(e)) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    e.to_string(),
+                ),
+                Err(_) => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "store call timed out",
+                ),
+            };
+        }
+        let request = BucketRequest {
+            key,
+            interval_ns: policy.rate.interval_ns(),
+            burst: policy.burst,
+            cost: 0,
+        };
+        match tokio::time::timeout(timeout, slot.store.peek(&request)).await {
+            Ok(Ok(o)) => json_response(
+                StatusCode::OK,
+                json!({
+                    "route": route_name,
+                    "limit": limit_name,
+                    "key": value,
+                    "tokens": o.remaining,
+                    "capacity": policy.burst,
+                    "rate": Limit::rate_text(&policy),
+                    "reset_after_ms": ms(o.reset_ns),
+                    "reset_after_s": ceil_secs(o.reset_ns),
+                    "next_token_ms": ms(o.next_token_ns),
+                }),
+            ),
+            Ok(Err(e)) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                e.to_string(),
+            ),
+            Err(_) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "store call timed out",
+            ),
+        }
+    }
+
+    async fn check(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_BODY {
+                        return error(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "body_too_large",
+                            format!("at most {MAX_BODY} bytes"),
+                        );
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => return error(StatusCode::BAD_REQUEST, "bad_body", e.to_string()),
+            }
+        }
+        let req: CheckRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    format!(
+                    "expected {{\"route\": NAME, \"key\": {{PART: VALUE, ...}}, \"cost\": N}}: {e}"
+                ),
+                )
+            }
+        };
+        let config = self.shared.config();
+        let Some(route) = config.router.by_name(&req.route) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_route",
+                format!("no route {:?}", req.route),
+            );
+        };
+        // Header names are case-insensitive; the specs are stored lower-case.
+        let given: HashMap<String, String> = req
+            .key
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("header:") {
+                Some(h) => (format!("header:{}", h.to_ascii_lowercase()), v),
+                None => (k, v),
+            })
+            .collect();
+        let mut plan =
+            plan::plan_from_sources(route, &given, req.cost, config.client_ip.ipv6_prefix);
+        let (decision, decided_by) = if plan.requests.is_empty() || !plan.missing_denied.is_empty()
+        {
+            (Decision::from_outcomes(plan, Vec::new()), "none")
+        } else {
+            let slot = self.shared.store();
+            let guarded = self
+                .shared
+                .decider
+                .decide(&slot, &config.breaker, &plan.requests)
+                .await;
+            match guarded.via {
+                Via::Store => (
+                    Decision::from_outcomes(plan, guarded.outcomes),
+                    slot.store.kind().label(),
+                ),
+                Via::LocalFallback => {
+                    for (_, policy) in &mut plan.limits {
+                        *policy = policy.per_instance(config.breaker.fallback_instances);
+                    }
+                    (
+                        Decision::from_outcomes(plan, guarded.outcomes),
+                        "local_fallback",
+                    )
+                }
+                Via::AllowFallback => (Decision::unlimited(), "allow_fallback"),
+                Via::DenyFallback { retry_after_ns } => (
+                    Decision {
+                        allowed: false,
+                        retry_after_ns,
+                        ..Decision::default()
+                    },
+                    "deny_fallback",
+                ),
+            }
+        };
+        let limits: Vec<Value> = decision
+            .statuses
+            .iter()
+            .map(|s| {
+                json!({
+                    "name": &*s.name,
+                    "allowed": s.outcome.allowed,
+                    "remaining": s.outcome.remaining,
+                    "capacity": s.policy.burst,
+                    "reset_after_ms": ms(s.outcome.reset_ns),
+                    "retry_after_ms": ms(s.outcome.retry_ns),
+                })
+            })
+            .collect();
+        json_response(
+            StatusCode::OK,
+            json!({
+                "route": &*route.name,
+                "allowed": decision.allowed,
+                "violated-policies": decision.violated.iter().map(|n| &**n).collect::<Vec<_>>(),
+                "retry_after_ms": ms(decision.retry_after_ns),
+                "decided_by": decided_by,
+                "limits": limits,
+            }),
+        )
     }
 }
 
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Vec<u8>> {
-    respond(status, "application/json", value.to_string().into_bytes())
-}
-
-fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    let len = body.len();
-    let mut resp = Response::new(body);
-    *resp.status_mut() = status;
-    if let Ok(v) = http::HeaderValue::from_str(content_type) {
-        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
     }
-    resp.headers_mut()
-        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(len));
-    resp
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[async_trait]
@@ -72,11 +357,26 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let path = req.uri.path().to_string();
+        let query = req.uri.query().map(str::to_string);
         let method = req.method.clone();
-        match (method.as_str(), path.as_str()) {
-            ("GET", "/health") => json(StatusCode::OK, serde_json::json!({"status": "ok"})),
-            ("GET", "/ready") => self.ready(),
-            ("GET", "/metrics") => {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let mutating = method == Method::DELETE || method == Method::POST;
+        if mutating && path.starts_with("/v1/") && !self.authorized(session) {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this call needs Authorization: Bearer <admin token>",
+            );
+            resp.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return resp;
+        }
+        match (method.as_str(), segments.as_slice()) {
+            ("GET", ["health"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
+            ("GET", ["ready"]) => self.ready(),
+            ("GET", ["metrics"]) => {
                 self.shared.refresh_gauges();
                 respond(
                     StatusCode::OK,
@@ -84,13 +384,22 @@ impl ServeHttp for AdminApp {
                     self.shared.metrics.render(),
                 )
             }
-            (_, "/health" | "/ready" | "/metrics") => json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({"error": "method_not_allowed"}),
-            ),
-            _ => json(
+            ("GET" | "DELETE", ["v1", "limits", route, limit]) => {
+                self.limit_endpoint(&method, route, limit, query.as_deref())
+                    .await
+            }
+            ("POST", ["v1", "check"]) => self.check(session).await,
+            (_, ["health" | "ready" | "metrics"] | ["v1", "check"] | ["v1", "limits", _, _]) => {
+                error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {path}"),
+                )
+            }
+            _ => error(
                 StatusCode::NOT_FOUND,
-                serde_json::json!({"error": "not_found", "path": path}),
+                "not_found",
+                format!("no endpoint {path}"),
             ),
         }
     }

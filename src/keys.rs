@@ -28,6 +28,22 @@ pub enum KeySource {
     Literal(String),
 }
 
+impl KeySource {
+    /// The spec as written in config, canonical (header names lower-case): `header:x-api-key`.
+    pub fn spec(&self) -> String {
+        match self {
+            KeySource::Ip => "ip".into(),
+            KeySource::Header(h) => format!("header:{}", h.as_str()),
+            KeySource::Query(q) => format!("query:{q}"),
+            KeySource::Path => "path".into(),
+            KeySource::PathParam(p) => format!("path_param:{p}"),
+            KeySource::Method => "method".into(),
+            KeySource::Host => "host".into(),
+            KeySource::Literal(t) => format!("literal:{t}"),
+        }
+    }
+}
+
 /// One part of a key: the first present of its alternatives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPart {
@@ -238,6 +254,60 @@ pub fn append_normalized(value: &[u8], out: &mut String) {
             let _ = write!(out, "{byte:02x}");
         }
     }
+}
+
+/// Appends a key part's value given as text (admin API): an IP address for a part that can be
+/// `ip` is grouped like a client's; anything else is normalised as usual.
+pub fn append_given(part: &KeyPart, raw: &str, ipv6_prefix: u8, out: &mut String) {
+    if part.alternatives.contains(&KeySource::Ip) {
+        if let Ok(ip) = raw.trim().parse::<IpAddr>() {
+            append_ip(canonical(ip), ipv6_prefix, out);
+            return;
+        }
+    }
+    append_normalized(raw.as_bytes(), out);
+}
+
+/// The key value of `spec` from values given per part, in order (admin `?key=A&key=B`).
+pub fn value_from_parts(spec: &KeySpec, given: &[String], ipv6_prefix: u8) -> Option<String> {
+    if given.len() != spec.parts.len() {
+        return None;
+    }
+    let mut out = String::new();
+    for (i, (part, raw)) in spec.parts.iter().zip(given).enumerate() {
+        if i > 0 {
+            out.push(PART_SEPARATOR);
+        }
+        append_given(part, raw, ipv6_prefix, &mut out);
+    }
+    Some(out)
+}
+
+/// The key value of `spec` from values given by source (`{"ip": "1.2.3.4", "header:x-k": "v"}`,
+/// admin `/v1/check`): each part takes its first alternative present. Returns false when a part
+/// is missing (and `anonymous` is false).
+pub fn derive_from_sources(
+    spec: &KeySpec,
+    given: &std::collections::HashMap<String, String>,
+    ipv6_prefix: u8,
+    anonymous: bool,
+    out: &mut String,
+) -> bool {
+    for (i, part) in spec.parts.iter().enumerate() {
+        if i > 0 {
+            out.push(PART_SEPARATOR);
+        }
+        let found = part.alternatives.iter().find_map(|source| match source {
+            KeySource::Literal(text) => Some(text.as_str()),
+            other => given.get(&other.spec()).map(String::as_str),
+        });
+        match found {
+            Some(raw) if !raw.is_empty() => append_given(part, raw, ipv6_prefix, out),
+            _ if anonymous => out.push_str(ANONYMOUS),
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// The normalised form of a key value written in config (overrides, admin queries): its parts,

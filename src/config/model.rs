@@ -29,6 +29,8 @@ pub struct Config {
     pub server: ServerSettings,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub router: Router,
+    /// Level of the per-request access-log line (`None`: off).
+    pub access_log: Option<tracing::Level>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,6 +265,14 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         server,
         upstreams,
         router: Router::new(routes),
+        access_log: match raw.access_log.unwrap_or_default() {
+            RawAccessLog::Off => None,
+            RawAccessLog::Error => Some(tracing::Level::ERROR),
+            RawAccessLog::Warn => Some(tracing::Level::WARN),
+            RawAccessLog::Info => Some(tracing::Level::INFO),
+            RawAccessLog::Debug => Some(tracing::Level::DEBUG),
+            RawAccessLog::Trace => Some(tracing::Level::TRACE),
+        },
     })
 }
 

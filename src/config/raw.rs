@@ -15,6 +15,7 @@ pub struct RawConfig {
     pub client_ip: Option<RawClientIp>,
     pub headers: Option<RawHeaders>,
     pub server: Option<RawServer>,
+    pub access_log: Option<RawAccessLog>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, RawUpstream>,
     pub routes: Vec<RawRoute>,
@@ -110,6 +111,19 @@ pub struct RawHeaders {
 pub struct RawServer {
     pub threads: Option<usize>,
     pub drain_timeout_ms: Option<u64>,
+}
+
+/// The level of the one-line-per-request access log.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RawAccessLog {
+    Off,
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
 }
 
 #[derive(Debug, Deserialize)]

@@ -111,6 +111,25 @@ pub struct Limit {
     pub overrides: HashMap<String, Policy>,
 }
 
+impl Limit {
+    /// The policy for a key value: its override, or the limit's own.
+    pub fn policy_for(&self, value: &str) -> Policy {
+        self.overrides.get(value).copied().unwrap_or(self.policy)
+    }
+
+    /// `N/s`, `N/m`, `N/h` or `N/d`, as written.
+    pub fn rate_text(policy: &Policy) -> String {
+        let unit = match policy.rate.period.as_secs() {
+            1 => "s",
+            60 => "m",
+            3600 => "h",
+            86_400 => "d",
+            other => return format!("{}/{}s", policy.rate.count, other),
+        };
+        format!("{}/{}", policy.rate.count, unit)
+    }
+}
+
 /// One bucket to decide: its identity, its parameters and what this request costs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BucketRequest {

@@ -1,9 +1,10 @@
 //! Planning: from a matched route and a request to the bucket requests a store decides, and
 //! from the store's outcomes to one [`Decision`] for the request.
 
-use super::{BucketOutcome, BucketRequest, OnMissingKey, Policy};
+use super::{BucketOutcome, BucketRequest, Limit, OnMissingKey, Policy};
 use crate::keys::{self, RequestView};
 use crate::routes::Route;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// The buckets one request touches.
@@ -29,19 +30,33 @@ pub fn bucket_key(route: &str, limit: &str, value: &str) -> String {
     key
 }
 
+impl Plan {
+    /// Adds one limit whose key value is known (`None`: its key is missing).
+    fn add(&mut self, route: &Route, limit: &Limit, value: Option<String>, cost: u64) {
+        let Some(value) = value else {
+            if limit.on_missing_key == OnMissingKey::Deny {
+                self.missing_denied.push((limit.name.clone(), limit.policy));
+            }
+            return;
+        };
+        let policy = limit.policy_for(&value);
+        self.requests.push(BucketRequest {
+            key: bucket_key(&route.name, &limit.name, &value),
+            interval_ns: policy.rate.interval_ns(),
+            burst: policy.burst,
+            cost,
+        });
+        self.limits.push((limit.name.clone(), policy));
+    }
+}
+
 /// Derives every limit's key and cost for this request.
 pub fn plan(route: &Route, req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
     let mut plan = Plan::default();
     for limit in &route.limits {
         let mut value = String::new();
         let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
-        if !keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut value) {
-            if limit.on_missing_key == OnMissingKey::Deny {
-                plan.missing_denied.push((limit.name.clone(), limit.policy));
-            }
-            continue;
-        }
-        let policy = limit.overrides.get(&value).copied().unwrap_or(limit.policy);
+        let present = keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut value);
         let cost = limit
             .cost_header
             .as_ref()
@@ -49,13 +64,30 @@ pub fn plan(route: &Route, req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(limit.cost);
-        plan.requests.push(BucketRequest {
-            key: bucket_key(&route.name, &limit.name, &value),
-            interval_ns: policy.rate.interval_ns(),
-            burst: policy.burst,
-            cost,
-        });
-        plan.limits.push((limit.name.clone(), policy));
+        plan.add(route, limit, present.then_some(value), cost);
+    }
+    plan
+}
+
+/// Plans a decision from key values given by source (the admin `/v1/check` call).
+pub fn plan_from_sources(
+    route: &Route,
+    given: &HashMap<String, String>,
+    cost: Option<u64>,
+    ipv6_prefix: u8,
+) -> Plan {
+    let mut plan = Plan::default();
+    for limit in &route.limits {
+        let mut value = String::new();
+        let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
+        let present =
+            keys::derive_from_sources(&limit.key, given, ipv6_prefix, anonymous, &mut value);
+        plan.add(
+            route,
+            limit,
+            present.then_some(value),
+            cost.unwrap_or(limit.cost),
+        );
     }
     plan
 }

@@ -325,18 +325,38 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&["proxy"])
                 .set(handle.metrics().num_alive_tasks() as i64);
         }
+        let Some(level) = ctx.config.as_ref().and_then(|c| c.access_log) else {
+            return;
+        };
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route.as_ref().map_or(NO_ROUTE_LABEL, |r| &r.name);
-        tracing::debug!(
-            target: "tollgate::access",
-            method = %session.req_header().method,
-            path = %session.req_header().uri.path(),
-            route,
-            decision = ctx.decision_label,
-            status,
-            duration_us = ctx.started.elapsed().as_micros() as u64,
-            error = e.map(|e| e.to_string()),
-            "request"
-        );
+        let req = session.req_header();
+        let client = peer_ip(session);
+        let duration_us = ctx.started.elapsed().as_micros() as u64;
+        let error = e.map(|e| e.to_string());
+        macro_rules! access {
+            ($lvl:expr) => {
+                tracing::event!(
+                    target: "tollgate::access",
+                    $lvl,
+                    client = %client,
+                    method = %req.method,
+                    path = %req.uri.path(),
+                    route,
+                    decision = ctx.decision_label,
+                    status,
+                    duration_us,
+                    error,
+                    "request"
+                )
+            };
+        }
+        match level {
+            tracing::Level::ERROR => access!(tracing::Level::ERROR),
+            tracing::Level::WARN => access!(tracing::Level::WARN),
+            tracing::Level::INFO => access!(tracing::Level::INFO),
+            tracing::Level::DEBUG => access!(tracing::Level::DEBUG),
+            _ => access!(tracing::Level::TRACE),
+        }
     }
 }
