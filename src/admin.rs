@@ -7,7 +7,7 @@ use crate::config::model::{Fallback, StoreKindConfig};
 use crate::keys;
 use crate::limiter::guarded::Via;
 use crate::limiter::plan::{self, bucket_key, Decision};
-use crate::limiter::{ceil_secs, BucketRequest, Limit, Store};
+use crate::limiter::{ceil_secs, BucketRequest, Limit};
 use crate::state::Shared;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -181,7 +181,7 @@ impl AdminApp {
         let timeout = slot.config.redis.timeout.max(Duration::from_millis(200));
         if method == Method::DELETE {
             let reset = tokio::time::timeout(timeout, slot.store.reset(&key)).await;
-            let _ = self.shared.decider.local.reset(&key).await;
+            self.shared.decider.forget(&key).await;
             return match reset {
                 Ok(Ok(())) => json_response(
                     StatusCode::OK,

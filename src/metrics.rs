@@ -3,8 +3,8 @@
 //! fixed enums for the rest; a key value is never a label.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Decisions as the `decision` label of `tollgate_requests_total`.
@@ -37,6 +37,7 @@ pub struct Metrics {
     pub memory_buckets: IntGaugeVec,
     pub in_flight: IntGauge,
     pub runtime_tasks: IntGaugeVec,
+    pub deny_cache_hits: IntCounter,
 }
 
 fn fail(e: prometheus::Error) -> String {
@@ -127,8 +128,14 @@ impl Metrics {
             &["runtime"],
         )
         .map_err(fail)?;
+        let deny_cache_hits = IntCounter::new(
+            "tollgate_deny_cache_hits_total",
+            "Denials answered from memory without a Redis call (the bucket cannot admit yet)",
+        )
+        .map_err(fail)?;
         for c in [
             Box::new(runtime_tasks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(deny_cache_hits.clone()),
             Box::new(requests.clone()),
             Box::new(decision_duration.clone()),
             Box::new(store_errors.clone()),
@@ -162,6 +169,7 @@ impl Metrics {
             memory_buckets,
             in_flight,
             runtime_tasks,
+            deny_cache_hits,
         })
     }
 

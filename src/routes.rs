@@ -4,6 +4,7 @@
 use crate::limiter::Limit;
 use crate::upstream::Upstream;
 use regex::Regex;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -103,15 +104,38 @@ impl Route {
     }
 }
 
-/// Routes in file order.
+/// Routes in file order, indexed so that lookup does not scan every route: exact paths by a
+/// hash map, prefixes by a hash map per prefix length in use, the rest (regex, any path) in
+/// order. The first route (lowest index) whose whole match holds wins, as if scanned in order.
 #[derive(Debug, Default)]
 pub struct Router {
     routes: Vec<Arc<Route>>,
+    exact: HashMap<String, Vec<usize>>,
+    prefixes: HashMap<String, Vec<usize>>,
+    /// Distinct prefix lengths, ascending.
+    prefix_lengths: Vec<usize>,
+    /// Regex and any-path routes, ascending.
+    scanned: Vec<usize>,
 }
 
 impl Router {
     pub fn new(routes: Vec<Arc<Route>>) -> Self {
-        Router { routes }
+        let mut router = Router {
+            routes,
+            ..Router::default()
+        };
+        for (i, route) in router.routes.iter().enumerate() {
+            match &route.matcher.path {
+                PathMatch::Exact(p) => router.exact.entry(p.clone()).or_default().push(i),
+                PathMatch::Prefix(p) => router.prefixes.entry(p.clone()).or_default().push(i),
+                PathMatch::Regex(_) | PathMatch::Any => router.scanned.push(i),
+            }
+        }
+        let mut lengths: Vec<usize> = router.prefixes.keys().map(String::len).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        router.prefix_lengths = lengths;
+        router
     }
 
     /// The first route that takes this request.
@@ -121,9 +145,32 @@ impl Router {
         host: Option<&str>,
         path: &str,
     ) -> Option<&Arc<Route>> {
-        self.routes
-            .iter()
-            .find(|r| r.matcher.matches(method, host, path))
+        let mut best: Option<usize> = None;
+        let mut consider = |i: usize| {
+            if best.is_some_and(|b| b <= i) {
+                return;
+            }
+            if self.routes[i].matcher.matches(method, host, path) {
+                best = Some(i);
+            }
+        };
+        if let Some(candidates) = self.exact.get(path) {
+            candidates.iter().for_each(|&i| consider(i));
+        }
+        for &len in &self.prefix_lengths {
+            if len > path.len() {
+                break;
+            }
+            if let Some(prefix) = path.get(..len) {
+                if let Some(candidates) = self.prefixes.get(prefix) {
+                    candidates.iter().for_each(|&i| consider(i));
+                }
+            }
+        }
+        for &i in &self.scanned {
+            consider(i);
+        }
+        best.map(|i| &self.routes[i])
     }
 
     pub fn routes(&self) -> &[Arc<Route>] {
@@ -184,6 +231,68 @@ mod tests {
         let host = m(Some("API.example.com"), PathMatch::Any, None);
         assert!(host.matches(&get, Some("api.example.com"), "/"));
         assert!(!host.matches(&get, None, "/"));
+    }
+
+    fn route(name: &str, path: PathMatch, methods: Option<&[&str]>) -> Arc<Route> {
+        Arc::new(Route {
+            name: Arc::from(name),
+            matcher: m(None, path, methods),
+            upstream: Arc::new(crate::upstream::Upstream::new(
+                "u".into(),
+                Vec::new(),
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(1),
+            )),
+            shadow: false,
+            limits: Vec::new(),
+            headers: HeaderFlags {
+                legacy: true,
+                ietf: true,
+            },
+        })
+    }
+
+    #[test]
+    fn indexed_lookup_is_first_match_in_file_order() {
+        let re = Regex::new("^/a/.*").unwrap_or_else(|e| panic!("{e}"));
+        let router = Router::new(vec![
+            route(
+                "post-only",
+                PathMatch::Prefix("/a/".into()),
+                Some(&["POST"]),
+            ),
+            route("regex", PathMatch::Regex(re), None),
+            route("exact", PathMatch::Exact("/a/b".into()), None),
+            route("short-prefix", PathMatch::Prefix("/".into()), None),
+        ]);
+        let find = |method: http::Method, path: &str| {
+            router.find(&method, None, path).map(|r| r.name.to_string())
+        };
+        assert_eq!(
+            find(http::Method::POST, "/a/b").as_deref(),
+            Some("post-only")
+        );
+        assert_eq!(find(http::Method::GET, "/a/b").as_deref(), Some("regex"));
+        assert_eq!(
+            find(http::Method::GET, "/zzz").as_deref(),
+            Some("short-prefix")
+        );
+        let linear = |method: &http::Method, path: &str| {
+            router
+                .routes()
+                .iter()
+                .find(|r| r.matcher.matches(method, None, path))
+                .map(|r| r.name.to_string())
+        };
+        for path in ["/", "/a", "/a/", "/a/b", "/a/bc", "/b", ""] {
+            for method in [http::Method::GET, http::Method::POST] {
+                assert_eq!(
+                    find(method.clone(), path),
+                    linear(&method, path),
+                    "{method} {path}"
+                );
+            }
+        }
     }
 
     #[test]

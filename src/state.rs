@@ -6,6 +6,7 @@ use crate::config::model::{StoreConfig, StoreKindConfig};
 use crate::config::{self, Config, ConfigError};
 use crate::limiter::breaker::Breaker;
 use crate::limiter::clock::MonotonicClock;
+use crate::limiter::deny_cache::DenyCache;
 use crate::limiter::guarded::Decider;
 use crate::limiter::memory::MemoryStore;
 use crate::limiter::redis::RedisStore;
@@ -20,6 +21,9 @@ use std::time::Duration;
 /// How long a (re)connect to a new Redis is awaited before the store is swapped in anyway
 /// (it keeps reconnecting in the background; failed decisions go to the fallback meanwhile).
 pub const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// Most denials the deny cache remembers at once.
+pub const DENY_CACHE_CAPACITY: usize = 100_000;
 
 /// The store in use, and the config it was built from.
 pub struct StoreSlot {
@@ -120,10 +124,11 @@ impl Shared {
         ));
         let local = Arc::new(MemoryStore::with_kind(
             usize::try_from(config.store.max_buckets).unwrap_or(usize::MAX),
-            clock,
+            clock.clone(),
             StoreKind::LocalFallback,
         ));
-        let decider = Decider::new(breaker, local, metrics.clone());
+        let deny_cache = DenyCache::new(DENY_CACHE_CAPACITY, clock);
+        let decider = Decider::new(breaker, local, deny_cache, metrics.clone());
         let shared = Arc::new(Shared {
             config: ArcSwap::from_pointee(config),
             generation: AtomicU64::new(1),
@@ -161,6 +166,8 @@ impl Shared {
     /// Makes `config` the one in force for new requests.
     pub fn install(&self, config: Config) -> u64 {
         self.decider.breaker.configure(&config.breaker);
+        // Limits may have changed: a remembered denial may no longer hold.
+        self.decider.deny_cache.clear();
         self.config.store(Arc::new(config));
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         self.metrics.config_generation.set(generation as i64);

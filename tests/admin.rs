@@ -257,10 +257,14 @@ async fn every_contract_metric_is_exported_with_its_labels() {
     }
     c.get(gw.url("/open")).send().await.unwrap();
     c.get(gw.url("/nowhere")).send().await.unwrap();
-    common::wait_until("the access log lines", std::time::Duration::from_secs(5), || {
-        let n = gw.log().matches("tollgate::access").count();
-        async move { n >= 9 }
-    })
+    common::wait_until(
+        "the access log lines",
+        std::time::Duration::from_secs(5),
+        || {
+            let n = gw.log().matches("tollgate::access").count();
+            async move { n >= 9 }
+        },
+    )
     .await;
     let text = c
         .get(gw.admin_url("/metrics"))
@@ -352,10 +356,14 @@ async fn json_logs_include_pingoras_own_lines() {
     let gw = Gateway::start_full(CONFIG, up.addr, &[], &[("TOLLGATE_LOG_FORMAT", "json")]).await;
     client().get(gw.url("/open")).send().await.unwrap();
     // The access line is written after the response.
-    common::wait_until("the access log line", std::time::Duration::from_secs(5), || {
-        let found = gw.log().contains("tollgate::access");
-        async move { found }
-    })
+    common::wait_until(
+        "the access log line",
+        std::time::Duration::from_secs(5),
+        || {
+            let found = gw.log().contains("tollgate::access");
+            async move { found }
+        },
+    )
     .await;
     let log = gw.log();
     let lines: Vec<Value> = log
@@ -363,7 +371,9 @@ async fn json_logs_include_pingoras_own_lines() {
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     assert!(
-        lines.iter().any(|v| v["target"].as_str().is_some_and(|t| t.starts_with("pingora"))),
+        lines.iter().any(|v| v["target"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("pingora"))),
         "Pingora's log lines come through tracing"
     );
     assert!(lines

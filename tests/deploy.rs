@@ -18,7 +18,12 @@ fn repo(path: &str) -> PathBuf {
 
 fn tool(name: &str) -> Command {
     assert!(
-        Command::new("which").arg(name).output().unwrap().status.success(),
+        Command::new("which")
+            .arg(name)
+            .output()
+            .unwrap()
+            .status
+            .success(),
         "{name} is not installed (Debian package `prometheus`; .ci/run installs it)"
     );
     Command::new(name)
@@ -53,7 +58,11 @@ fn promtool_accepts_the_scrape_config() {
         .arg(repo("config/prometheus.yml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -61,7 +70,12 @@ async fn promtool_accepts_live_metrics() {
     let up = Upstream::start();
     let gw = Gateway::start(CONFIG, up.addr).await;
     traffic(&gw, 0).await;
-    let text = reqwest::get(gw.admin_url("/metrics")).await.unwrap().bytes().await.unwrap();
+    let text = reqwest::get(gw.admin_url("/metrics"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     let mut child = tool("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -113,14 +127,22 @@ fn compose_prometheus_and_grafana_files_agree() {
         .as_str()
         .unwrap();
     assert_eq!(target, format!("gateway:{}", gateway.admin.listen.port()));
-    assert!(gateway.admin.listen.ip().is_unspecified(), "reachable in the compose network");
+    assert!(
+        gateway.admin.listen.ip().is_unspecified(),
+        "reachable in the compose network"
+    );
     // Grafana's datasource is the one the dashboard names, and the dashboard path matches.
     let ds: serde_yaml_ng::Value = serde_yaml_ng::from_str(
-        &std::fs::read_to_string(repo("config/grafana/provisioning/datasources/prometheus.yml"))
-            .unwrap(),
+        &std::fs::read_to_string(repo(
+            "config/grafana/provisioning/datasources/prometheus.yml",
+        ))
+        .unwrap(),
     )
     .unwrap();
-    assert_eq!(ds["datasources"][0]["url"].as_str(), Some("http://prometheus:9090"));
+    assert_eq!(
+        ds["datasources"][0]["url"].as_str(),
+        Some("http://prometheus:9090")
+    );
     let uid = ds["datasources"][0]["uid"].as_str().unwrap();
     let dashboard = dashboard();
     for panel in dashboard["panels"].as_array().unwrap() {
@@ -139,8 +161,10 @@ fn compose_prometheus_and_grafana_files_agree() {
 }
 
 fn dashboard() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(repo("config/grafana/dashboards/tollgate.json")).unwrap())
-        .unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(repo("config/grafana/dashboards/tollgate.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 struct Prometheus {
@@ -170,7 +194,10 @@ fn start_prometheus(admin: std::net::SocketAddr) -> Prometheus {
     let port = free_port();
     let child = tool("prometheus")
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -198,11 +225,15 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let c = client();
     let up_query = format!("{}/api/v1/query", prom.url);
     wait_until("the first scrape", Duration::from_secs(30), || {
-        let req = c.get(&up_query).query(&[("query", "up{job=\"tollgate\"} == 1")]);
+        let req = c
+            .get(&up_query)
+            .query(&[("query", "up{job=\"tollgate\"} == 1")]);
         async move {
             match req.send().await {
                 Ok(r) => r.json::<Value>().await.is_ok_and(|v| {
-                    v["data"]["result"].as_array().is_some_and(|a| !a.is_empty())
+                    v["data"]["result"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty())
                 }),
                 Err(_) => false,
             }
@@ -222,7 +253,12 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         .unwrap()
         .iter()
         .flat_map(|p| p["targets"].as_array().unwrap().clone())
-        .map(|t| t["expr"].as_str().unwrap().replace("$__rate_interval", "1m"))
+        .map(|t| {
+            t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+        })
         .collect();
     assert!(exprs.len() >= 10);
     for expr in &exprs {
@@ -239,7 +275,10 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
                 .await
                 .unwrap();
             assert_eq!(last["status"], "success", "{expr}: {last}");
-            let result = last["data"]["result"].as_array().cloned().unwrap_or_default();
+            let result = last["data"]["result"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             has_data = result.iter().any(|series| {
                 series["value"][1]
                     .as_str()

@@ -356,3 +356,55 @@ async fn rediss_urls_speak_tls() {
         Some("1")
     );
 }
+
+fn evalsha_calls(redis: &RedisProcess) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
+    stats
+        .lines()
+        .find(|l| l.starts_with("cmdstat_evalsha:"))
+        .and_then(|l| l.split("calls=").nth(1))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denials_are_cached_until_the_bucket_could_admit() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let gw = Gateway::start(
+        &redis_yaml(&standalone(&redis.url()), &per_user(2)),
+        up.addr,
+    )
+    .await;
+    assert_eq!(status(&gw, "flood").await, 200);
+    assert_eq!(status(&gw, "flood").await, 200);
+    let before = evalsha_calls(&redis);
+    let mut headers_ok = true;
+    for _ in 0..40 {
+        let r = client()
+            .get(gw.url("/"))
+            .header("x-user", "flood")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429);
+        headers_ok &= header(&r, "retry-after")
+            .parse::<u64>()
+            .is_ok_and(|s| s > 3000);
+    }
+    assert!(headers_ok, "cached denials keep their Retry-After");
+    let calls = evalsha_calls(&redis) - before;
+    assert!(calls <= 2, "{calls} Redis calls for 40 denials");
+    assert!(gw.metric("tollgate_deny_cache_hits_total").await.unwrap() >= 38.0);
+    // An admin reset adds tokens early: the cached denial is dropped.
+    let reset = client()
+        .delete(gw.admin_url("/v1/limits/r/per-user?key=flood"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200);
+    assert_eq!(status(&gw, "flood").await, 200);
+    // Another user is unaffected by the cache.
+    assert_eq!(status(&gw, "other").await, 200);
+}

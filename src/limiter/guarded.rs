@@ -3,6 +3,7 @@
 //! fail and is called directly.
 
 use super::breaker::{Admission, Breaker, BreakerState};
+use super::deny_cache::DenyCache;
 use super::memory::MemoryStore;
 use super::{BucketOutcome, BucketRequest, Store, StoreError, StoreKind};
 use crate::config::model::{BreakerConfig, Fallback};
@@ -35,6 +36,8 @@ pub struct Guarded {
 pub struct Decider {
     pub breaker: Arc<Breaker>,
     pub local: Arc<MemoryStore>,
+    /// Denials remembered until their buckets could admit (Redis store only).
+    pub deny_cache: DenyCache,
     metrics: Arc<Metrics>,
 }
 
@@ -50,12 +53,24 @@ pub fn per_instance(r: &BucketRequest, instances: u32) -> BucketRequest {
 }
 
 impl Decider {
-    pub fn new(breaker: Arc<Breaker>, local: Arc<MemoryStore>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        breaker: Arc<Breaker>,
+        local: Arc<MemoryStore>,
+        deny_cache: DenyCache,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Decider {
             breaker,
             local,
+            deny_cache,
             metrics,
         }
+    }
+
+    /// Forgets a bucket everywhere the gateway keeps state of its own (admin reset).
+    pub async fn forget(&self, key: &str) {
+        self.deny_cache.forget(key);
+        let _ = self.local.reset(key).await;
     }
 
     pub fn breaker_state(&self) -> BreakerState {
@@ -94,6 +109,13 @@ impl Decider {
                 };
             }
         }
+        if let Some(outcomes) = self.deny_cache.check(requests) {
+            self.metrics.deny_cache_hits.inc();
+            return Guarded {
+                outcomes,
+                via: Via::Store,
+            };
+        }
         let admission = self.breaker.admit();
         if admission != Admission::Skip {
             let probe = (admission == Admission::Probe).then(|| self.breaker.probe());
@@ -109,6 +131,7 @@ impl Decider {
                         Some(p) => p.finish(true),
                         None => self.breaker.on_success(false),
                     }
+                    self.deny_cache.remember(requests, &outcomes);
                     return Guarded {
                         outcomes,
                         via: Via::Store,

@@ -7,6 +7,7 @@
 
 pub mod breaker;
 pub mod clock;
+pub mod deny_cache;
 pub mod gcra;
 pub mod guarded;
 pub mod memory;
