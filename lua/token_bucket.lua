@@ -1,28 +1,34 @@
 --[[
-Tollgate token buckets (GCRA form), decided atomically for every bucket of one request.
+Tollgate token buckets (GCRA form). One call decides a batch of requests; each request's
+buckets are decided together, atomically and all-or-nothing, in the order given.
 
-KEYS[i]   bucket key: {prefix}{route}:{limit}:{hash-tagged value}; all KEYS of one call share a slot.
-ARGV[1]   mode: "decide" (charge all buckets only if every one admits), "peek" (charge nothing),
-          or "refund" (give back `cost` tokens taken by an earlier "decide" of this request that
-          another slot denied).
-ARGV[2 + 3(i-1)]  interval_us: microseconds for one token to drip back (period / N of the rate)
-ARGV[3 + 3(i-1)]  burst: bucket capacity in tokens
-ARGV[4 + 3(i-1)]  cost: tokens this request takes from bucket i
+KEYS      every bucket key of every request, in order: {prefix}{route}:{limit}:{hash-tagged value}.
+          In Redis Cluster all KEYS of one call share a slot.
+ARGV[1]   mode: "decide" (charge a request's buckets only if every one admits), "peek" (charge
+          nothing), or "refund" (give back `cost` tokens taken by an earlier "decide" whose
+          request another slot denied).
+ARGV[2]   D, the number of requests in the batch; then for each request:
+            n        the number of its buckets, then for each bucket:
+            interval_us  microseconds for one token to drip back (period / N of the rate)
+            burst        bucket capacity in tokens
+            cost         tokens this request takes
 
 Stored value per bucket: "tat:interval_us:burst", where tat (theoretical arrival time, in
 microseconds of Redis TIME) is when the bucket will be full again. A bucket whose interval or
 burst changed starts full. Each write sets the key's TTL to the time it takes to refill, so idle
-buckets disappear. The clock is Redis TIME, never the caller's.
+buckets disappear. The clock is Redis TIME, read once per call, never the caller's.
 
-Returns integers: { all_allowed (1|0), then per bucket:
-                    allowed (1|0), remaining tokens, reset_us (until full), retry_us (until this
-                    cost fits; 0 when allowed), next_us (until the next whole token; 0 when full) }
-"refund" returns { 1 }.
+Returns integers. decide/peek: for each request in order
+            { all_allowed (1|0), then per bucket: allowed (1|0), remaining tokens,
+              reset_us (until full), retry_us (until this cost fits; 0 when allowed),
+              next_us (until the next whole token; 0 when full) }
+          refund: { 1 }
 ]]
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
+local decisions = tonumber(ARGV[2])
 
 local function stored_tat(key, interval, burst)
   local v = redis.call('GET', key)
@@ -55,55 +61,66 @@ local function next_token(debt, interval)
   return partial
 end
 
-if mode == 'refund' then
-  for i = 1, #KEYS do
-    local interval = tonumber(ARGV[2 + 3 * (i - 1)])
-    local burst = tonumber(ARGV[3 + 3 * (i - 1)])
-    local cost = tonumber(ARGV[4 + 3 * (i - 1)])
-    local tat = stored_tat(KEYS[i], interval, burst)
-    if tat > now then
-      store(KEYS[i], math.max(tat - cost * interval, now), interval, burst)
+local out = {}
+local arg = 3
+local key = 1
+for _ = 1, decisions do
+  local n = tonumber(ARGV[arg])
+  arg = arg + 1
+  if mode == 'refund' then
+    for i = 0, n - 1 do
+      local interval = tonumber(ARGV[arg + 3 * i])
+      local burst = tonumber(ARGV[arg + 3 * i + 1])
+      local cost = tonumber(ARGV[arg + 3 * i + 2])
+      local k = KEYS[key + i]
+      local tat = stored_tat(k, interval, burst)
+      if tat > now then
+        store(k, math.max(tat - cost * interval, now), interval, burst)
+      end
     end
-  end
-  return { 1 }
-end
-
-local out = { 1 }
-local new_tats = {}
-local all_allowed = true
-for i = 1, #KEYS do
-  local interval = tonumber(ARGV[2 + 3 * (i - 1)])
-  local burst = tonumber(ARGV[3 + 3 * (i - 1)])
-  local cost = tonumber(ARGV[4 + 3 * (i - 1)])
-  local tau = interval * burst
-  local debt = math.min(math.max(stored_tat(KEYS[i], interval, burst) - now, 0), tau)
-  local new_debt = debt + cost * interval
-  local base = 2 + 5 * (i - 1)
-  if new_debt <= tau then
-    out[base] = 1
-    out[base + 1] = math.floor((tau - new_debt) / interval)
-    out[base + 2] = new_debt
-    out[base + 3] = 0
-    out[base + 4] = next_token(new_debt, interval)
-    new_tats[i] = now + new_debt
   else
-    all_allowed = false
-    out[base] = 0
-    out[base + 1] = math.floor((tau - debt) / interval)
-    out[base + 2] = debt
-    out[base + 3] = new_debt - tau
-    out[base + 4] = next_token(debt, interval)
-  end
-end
-
-if not all_allowed then
-  out[1] = 0
-elseif mode == 'decide' then
-  for i = 1, #KEYS do
-    local cost = tonumber(ARGV[4 + 3 * (i - 1)])
-    if cost > 0 then
-      store(KEYS[i], new_tats[i], tonumber(ARGV[2 + 3 * (i - 1)]), tonumber(ARGV[3 + 3 * (i - 1)]))
+    local head = #out + 1
+    out[head] = 1
+    local all_allowed = true
+    local new_tats = {}
+    for i = 0, n - 1 do
+      local interval = tonumber(ARGV[arg + 3 * i])
+      local burst = tonumber(ARGV[arg + 3 * i + 1])
+      local cost = tonumber(ARGV[arg + 3 * i + 2])
+      local tau = interval * burst
+      local debt = math.min(math.max(stored_tat(KEYS[key + i], interval, burst) - now, 0), tau)
+      local new_debt = debt + cost * interval
+      local base = head + 1 + 5 * i
+      if new_debt <= tau then
+        out[base] = 1
+        out[base + 1] = math.floor((tau - new_debt) / interval)
+        out[base + 2] = new_debt
+        out[base + 3] = 0
+        out[base + 4] = next_token(new_debt, interval)
+        new_tats[i] = now + new_debt
+      else
+        all_allowed = false
+        out[base] = 0
+        out[base + 1] = math.floor((tau - debt) / interval)
+        out[base + 2] = debt
+        out[base + 3] = new_debt - tau
+        out[base + 4] = next_token(debt, interval)
+      end
+    end
+    if not all_allowed then
+      out[head] = 0
+    elseif mode == 'decide' then
+      for i = 0, n - 1 do
+        if tonumber(ARGV[arg + 3 * i + 2]) > 0 then
+          store(KEYS[key + i], new_tats[i], tonumber(ARGV[arg + 3 * i]), tonumber(ARGV[arg + 3 * i + 1]))
+        end
+      end
     end
   end
+  arg = arg + 3 * n
+  key = key + n
+end
+if mode == 'refund' then
+  return { 1 }
 end
 return out

@@ -11,17 +11,40 @@ use fred::interfaces::{ClientLike, KeysInterface};
 use fred::types::config::{Config, ReconnectPolicy, Server, ServerConfig};
 use fred::types::scripts::Script;
 use fred::types::Builder;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// The token-bucket script, from `lua/token_bucket.lua`.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("../../lua/token_bucket.lua");
 
-pub struct RedisStore {
+/// Most requests decided by one script call.
+pub const MAX_BATCH: usize = 64;
+/// Most batch calls in flight at once (per store).
+pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
+
+/// What one script call needs; cheap to clone (fred's client is a handle).
+#[derive(Clone)]
+struct Caller {
     client: Client,
     script: Script,
     prefix: String,
     timeout: Duration,
+}
+
+/// A request waiting for the batcher.
+struct Pending {
+    requests: Vec<BucketRequest>,
+    reply: oneshot::Sender<Result<Vec<BucketOutcome>, StoreError>>,
+}
+
+pub struct RedisStore {
+    caller: Caller,
     clustered: bool,
+    batch_tx: mpsc::Sender<Pending>,
+    batch_rx: Mutex<Option<mpsc::Receiver<Pending>>>,
+    batching: AtomicBool,
 }
 
 fn fred_error(e: fred::error::Error) -> StoreError {
@@ -98,12 +121,18 @@ impl RedisStore {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2000, 2))
             .build()
             .map_err(fred_error)?;
+        let (batch_tx, batch_rx) = mpsc::channel(64 * 1024);
         Ok(RedisStore {
-            client,
-            script: Script::from_lua(TOKEN_BUCKET_LUA),
-            prefix: cfg.key_prefix.clone(),
-            timeout,
+            caller: Caller {
+                client,
+                script: Script::from_lua(TOKEN_BUCKET_LUA),
+                prefix: cfg.key_prefix.clone(),
+                timeout,
+            },
             clustered: cfg.mode == RedisMode::Cluster,
+            batch_tx,
+            batch_rx: Mutex::new(Some(batch_rx)),
+            batching: AtomicBool::new(false),
         })
     }
 
@@ -111,24 +140,80 @@ impl RedisStore {
     /// once connected, loads the script. Returns once connected, or with the error that stopped
     /// the first attempt; reconnection goes on in the background either way.
     pub async fn connect(&self, wait: Duration) -> Result<(), StoreError> {
-        let _task = self.client.connect();
-        match tokio::time::timeout(wait, self.client.wait_for_connect()).await {
+        let client = &self.caller.client;
+        let _task = client.connect();
+        self.start_batcher();
+        match tokio::time::timeout(wait, client.wait_for_connect()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(fred_error(e)),
             Err(_) => return Err(StoreError::Timeout),
         }
-        self.script.load(&self.client).await.map_err(fred_error)
+        self.caller.script.load(client).await.map_err(fred_error)
+    }
+
+    /// Starts the task that groups concurrent decisions into one script call (standalone and
+    /// sentinel; in a Cluster decisions go per slot, unbatched). It runs on the current
+    /// runtime until the store is dropped.
+    fn start_batcher(&self) {
+        if self.clustered {
+            return;
+        }
+        let Some(mut rx) = self
+            .batch_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let caller = self.caller.clone();
+        self.batching.store(true, Ordering::Release);
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+            while let Some(first) = rx.recv().await {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                // Everything that queued up while the previous calls were in flight goes in
+                // this call: no waiting when idle, bigger batches under load.
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(p) => batch.push(p),
+                        Err(_) => break,
+                    }
+                }
+                let caller = caller.clone();
+                tokio::spawn(async move {
+                    caller.run_batch(batch).await;
+                    drop(permit);
+                });
+            }
+        });
     }
 
     /// Closes the connection.
     pub async fn close(&self) {
-        let _ = self.client.quit().await;
+        let _ = self.caller.client.quit().await;
     }
 
     pub fn is_connected(&self) -> bool {
-        self.client.is_connected()
+        self.caller.client.is_connected()
     }
 
+    /// Decides one slot's buckets directly; returns whether all admitted, and their outcomes.
+    async fn decide_group(
+        &self,
+        requests: &[&BucketRequest],
+    ) -> Result<(bool, Vec<BucketOutcome>), StoreError> {
+        let reply = self.caller.call("decide", &[requests]).await?;
+        parse_reply(&reply, &[requests.len()])?
+            .pop()
+            .ok_or_else(|| StoreError::Script("empty reply".into()))
+    }
+}
+
+impl Caller {
     fn full_key(&self, key: &str) -> String {
         let mut k = String::with_capacity(self.prefix.len() + key.len());
         k.push_str(&self.prefix);
@@ -136,19 +221,22 @@ impl RedisStore {
         k
     }
 
-    /// One script call over `requests` (all in one slot), bounded by the timeout.
-    async fn call(&self, mode: &str, requests: &[&BucketRequest]) -> Result<Vec<i64>, StoreError> {
-        let keys: Vec<String> = requests.iter().map(|r| self.full_key(&r.key)).collect();
-        let mut args: Vec<fred::types::Value> = Vec::with_capacity(1 + 3 * requests.len());
+    /// One script call over a batch of requests' buckets (all in one slot), bounded by the
+    /// timeout.
+    async fn call(&self, mode: &str, batch: &[&[&BucketRequest]]) -> Result<Vec<i64>, StoreError> {
+        let buckets: usize = batch.iter().map(|r| r.len()).sum();
+        let mut keys: Vec<String> = Vec::with_capacity(buckets);
+        let mut args: Vec<fred::types::Value> = Vec::with_capacity(2 + batch.len() + 3 * buckets);
         args.push(mode.into());
-        for r in requests {
-            args.push(
-                i64::try_from((r.interval_ns / 1000).max(1))
-                    .unwrap_or(i64::MAX)
-                    .into(),
-            );
-            args.push(i64::try_from(r.burst).unwrap_or(i64::MAX).into());
-            args.push(i64::try_from(r.cost).unwrap_or(i64::MAX).into());
+        args.push((batch.len() as i64).into());
+        for requests in batch {
+            args.push((requests.len() as i64).into());
+            for r in requests.iter() {
+                keys.push(self.full_key(&r.key));
+                args.push(int(r.interval_ns / 1000).max(1).into());
+                args.push(int(r.burst).into());
+                args.push(int(r.cost).into());
+            }
         }
         let call = self
             .script
@@ -159,35 +247,66 @@ impl RedisStore {
         }
     }
 
-    /// Decides one slot's buckets; returns whether all admitted, and their outcomes.
-    async fn decide_group(
-        &self,
-        requests: &[&BucketRequest],
-    ) -> Result<(bool, Vec<BucketOutcome>), StoreError> {
-        let reply = self.call("decide", requests).await?;
-        parse_reply(&reply, requests.len())
+    /// Decides a batch in one call and answers each waiting request.
+    async fn run_batch(&self, batch: Vec<Pending>) {
+        let groups: Vec<Vec<&BucketRequest>> =
+            batch.iter().map(|p| p.requests.iter().collect()).collect();
+        let slices: Vec<&[&BucketRequest]> = groups.iter().map(Vec::as_slice).collect();
+        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
+        let result = self
+            .call("decide", &slices)
+            .await
+            .and_then(|reply| parse_reply(&reply, &sizes));
+        match result {
+            Ok(decided) => {
+                for (pending, (_, outcomes)) in batch.into_iter().zip(decided) {
+                    let _ = pending.reply.send(Ok(outcomes));
+                }
+            }
+            Err(e) => {
+                for pending in batch {
+                    let _ = pending.reply.send(Err(e.clone()));
+                }
+            }
+        }
     }
 }
 
-fn parse_reply(reply: &[i64], n: usize) -> Result<(bool, Vec<BucketOutcome>), StoreError> {
-    if reply.len() != 1 + 5 * n {
+fn int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Splits a reply into one (all admitted, outcomes) per request of `sizes` buckets each.
+fn parse_reply(
+    reply: &[i64],
+    sizes: &[usize],
+) -> Result<Vec<(bool, Vec<BucketOutcome>)>, StoreError> {
+    let expected: usize = sizes.iter().map(|n| 1 + 5 * n).sum();
+    if reply.len() != expected {
         return Err(StoreError::Script(format!(
-            "script returned {} values for {n} buckets",
+            "script returned {} values, expected {expected}",
             reply.len()
         )));
     }
     let us = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1000);
-    let outcomes = reply[1..]
-        .chunks_exact(5)
-        .map(|c| BucketOutcome {
-            allowed: c[0] == 1,
-            remaining: u64::try_from(c[1]).unwrap_or(0),
-            reset_ns: us(c[2]),
-            retry_ns: us(c[3]),
-            next_token_ns: us(c[4]),
-        })
-        .collect();
-    Ok((reply[0] == 1, outcomes))
+    let mut at = 0;
+    let mut decided = Vec::with_capacity(sizes.len());
+    for &n in sizes {
+        let all = reply[at] == 1;
+        let outcomes = reply[at + 1..at + 1 + 5 * n]
+            .chunks_exact(5)
+            .map(|c| BucketOutcome {
+                allowed: c[0] == 1,
+                remaining: u64::try_from(c[1]).unwrap_or(0),
+                reset_ns: us(c[2]),
+                retry_ns: us(c[3]),
+                next_token_ns: us(c[4]),
+            })
+            .collect();
+        decided.push((all, outcomes));
+        at += 1 + 5 * n;
+    }
+    Ok(decided)
 }
 
 #[async_trait]
@@ -202,12 +321,26 @@ impl Store for RedisStore {
         }
         let all: Vec<&BucketRequest> = requests.iter().collect();
         if !self.clustered {
-            return Ok(self.decide_group(&all).await?.1);
+            if !self.batching.load(Ordering::Acquire) {
+                return Ok(self.decide_group(&all).await?.1);
+            }
+            let (reply, answer) = oneshot::channel();
+            self.batch_tx
+                .try_send(Pending {
+                    requests: requests.to_vec(),
+                    reply,
+                })
+                .map_err(|_| StoreError::Connection("decision queue full".into()))?;
+            return match tokio::time::timeout(self.caller.timeout, answer).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(StoreError::Connection("batcher stopped".into())),
+                Err(_) => Err(StoreError::Timeout),
+            };
         }
         // Cluster: one call per hash slot, concurrently.
         let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
         for (i, r) in requests.iter().enumerate() {
-            let slot = fred::util::redis_keyslot(self.full_key(&r.key).as_bytes());
+            let slot = fred::util::redis_keyslot(self.caller.full_key(&r.key).as_bytes());
             match groups.iter_mut().find(|(s, _)| *s == slot) {
                 Some((_, members)) => members.push(i),
                 None => groups.push((slot, vec![i])),
@@ -241,11 +374,15 @@ impl Store for RedisStore {
         }
         if denied {
             // Give back what the admitting slots took, so the request charges nothing.
-            let refunds = group_requests
+            let charged: Vec<[&[&BucketRequest]; 1]> = group_requests
                 .iter()
                 .zip(&results)
                 .filter(|(_, r)| matches!(r, Ok((true, _))))
-                .map(|(g, _)| self.call("refund", g));
+                .map(|(g, _)| [g.as_slice()])
+                .collect();
+            let refunds = charged
+                .iter()
+                .map(|batch| self.caller.call("refund", batch));
             for refund in futures::future::join_all(refunds).await {
                 if let Err(e) = refund {
                     tracing::warn!(error = %e, "refund after a cross-slot denial failed");
@@ -269,17 +406,16 @@ impl Store for RedisStore {
             cost: 0,
             ..request.clone()
         };
-        let reply = self.call("peek", &[&uncharged]).await?;
-        let (_, outcomes) = parse_reply(&reply, 1)?;
-        outcomes
-            .into_iter()
-            .next()
+        let reply = self.caller.call("peek", &[&[&uncharged]]).await?;
+        parse_reply(&reply, &[1])?
+            .pop()
+            .and_then(|(_, outcomes)| outcomes.into_iter().next())
             .ok_or_else(|| StoreError::Script("empty reply".into()))
     }
 
     async fn reset(&self, key: &str) -> Result<(), StoreError> {
-        let del = self.client.del::<i64, _>(self.full_key(key));
-        match tokio::time::timeout(self.timeout, del).await {
+        let del = self.caller.client.del::<i64, _>(self.caller.full_key(key));
+        match tokio::time::timeout(self.caller.timeout, del).await {
             Ok(result) => result.map(|_| ()).map_err(fred_error),
             Err(_) => Err(StoreError::Timeout),
         }
