@@ -173,3 +173,62 @@ async fn cluster_gives_tokens_back_when_another_slot_denies() {
         "keys on every master: {per_node:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_decisions_share_calls_and_stay_exact() {
+    let redis = RedisProcess::standalone();
+    let store = std::sync::Arc::new(connected(RedisMode::Standalone, vec![redis.url()]).await);
+    let calls = || -> u64 {
+        redis
+            .cli(&["INFO", "commandstats"])
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = calls();
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                // Two limits: one hot shared bucket (burst 50) and one per task.
+                let shared = bucket("r:hot:{all}", 60_000, 50, 1);
+                let own = bucket(&format!("r:own:{{{i}}}"), 60_000, 1, 1);
+                store.decide(&[shared, own]).await.unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        let o = t.await.unwrap();
+        assert_eq!(
+            o[0].allowed && o[1].allowed,
+            o[0].allowed,
+            "per-task bucket never denies"
+        );
+        if o[0].allowed {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 50, "exactly the burst of the shared bucket");
+    let used = calls() - before;
+    assert!(
+        used < 400,
+        "{used} script calls for 400 concurrent decisions"
+    );
+    // Denied decisions charged nothing: the per-task buckets of denied tasks are still full.
+    let mut untouched = 0;
+    for i in 0..400 {
+        let own = store
+            .peek(&bucket(&format!("r:own:{{{i}}}"), 60_000, 1, 1))
+            .await
+            .unwrap();
+        if own.remaining == 1 {
+            untouched += 1;
+        }
+    }
+    assert_eq!(untouched, 350);
+}
