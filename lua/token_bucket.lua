@@ -30,23 +30,51 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local mode = ARGV[1]
 local decisions = tonumber(ARGV[2])
 
-local function stored_tat(key, interval, burst)
-  local v = redis.call('GET', key)
-  if v then
-    local tat, i, b = string.match(v, '^(%d+):(%d+):(%d+)$')
-    if tat and tonumber(i) == interval and tonumber(b) == burst then
-      return tonumber(tat)
+-- Buckets read in this call, and the ones changed: a bucket shared by several requests of a
+-- batch is read once and written once, at the end.
+local seen = {}
+local dirty = {}
+local dirty_order = {}
+
+-- `policy` is ":interval_us:burst" as the caller wrote them; comparing the stored suffix with it
+-- is one plain string comparison.
+local function stored_tat(key, policy)
+  local cached = seen[key]
+  if cached == nil then
+    cached = { tat = 0, policy = false }
+    local v = redis.call('GET', key)
+    if v then
+      local colon = string.find(v, ':', 1, true)
+      if colon then
+        cached.tat = tonumber(string.sub(v, 1, colon - 1))
+        cached.policy = string.sub(v, colon)
+      end
     end
+    seen[key] = cached
+  end
+  if cached.policy == policy then
+    return cached.tat
   end
   return 0
 end
 
-local function store(key, tat, interval, burst)
-  local ttl_ms = math.ceil((tat - now) / 1000)
-  if ttl_ms <= 0 then
-    redis.call('DEL', key)
-  else
-    redis.call('SET', key, string.format('%.0f:%.0f:%.0f', tat, interval, burst), 'PX', ttl_ms)
+local function store(key, tat, policy)
+  seen[key] = { tat = tat, policy = policy }
+  if not dirty[key] then
+    dirty[key] = true
+    dirty_order[#dirty_order + 1] = key
+  end
+end
+
+local function flush()
+  for _, key in ipairs(dirty_order) do
+    local b = seen[key]
+    local ttl_ms = math.ceil((b.tat - now) / 1000)
+    if ttl_ms <= 0 then
+      redis.call('DEL', key)
+    else
+      redis.call('SET', key, string.format('%.0f', b.tat) .. b.policy, 'PX', ttl_ms)
+    end
   end
 end
 
@@ -70,12 +98,12 @@ for _ = 1, decisions do
   if mode == 'refund' then
     for i = 0, n - 1 do
       local interval = tonumber(ARGV[arg + 3 * i])
-      local burst = tonumber(ARGV[arg + 3 * i + 1])
+      local policy = ':' .. ARGV[arg + 3 * i] .. ':' .. ARGV[arg + 3 * i + 1]
       local cost = tonumber(ARGV[arg + 3 * i + 2])
       local k = KEYS[key + i]
-      local tat = stored_tat(k, interval, burst)
+      local tat = stored_tat(k, policy)
       if tat > now then
-        store(k, math.max(tat - cost * interval, now), interval, burst)
+        store(k, math.max(tat - cost * interval, now), policy)
       end
     end
   else
@@ -83,12 +111,22 @@ for _ = 1, decisions do
     out[head] = 1
     local all_allowed = true
     local new_tats = {}
+    local policies = {}
     for i = 0, n - 1 do
       local interval = tonumber(ARGV[arg + 3 * i])
       local burst = tonumber(ARGV[arg + 3 * i + 1])
       local cost = tonumber(ARGV[arg + 3 * i + 2])
+      local policy = ':' .. ARGV[arg + 3 * i] .. ':' .. ARGV[arg + 3 * i + 1]
+      policies[i] = policy
       local tau = interval * burst
-      local debt = math.min(math.max(stored_tat(KEYS[key + i], interval, burst) - now, 0), tau)
+      local debt = tau
+      local tat = stored_tat(KEYS[key + i], policy)
+      if tat - now < tau then
+        debt = tat - now
+        if debt < 0 then
+          debt = 0
+        end
+      end
       local new_debt = debt + cost * interval
       local base = head + 1 + 5 * i
       if new_debt <= tau then
@@ -112,7 +150,7 @@ for _ = 1, decisions do
     elseif mode == 'decide' then
       for i = 0, n - 1 do
         if tonumber(ARGV[arg + 3 * i + 2]) > 0 then
-          store(KEYS[key + i], new_tats[i], tonumber(ARGV[arg + 3 * i]), tonumber(ARGV[arg + 3 * i + 1]))
+          store(KEYS[key + i], new_tats[i], policies[i])
         end
       end
     end
@@ -120,6 +158,7 @@ for _ = 1, decisions do
   arg = arg + 3 * n
   key = key + n
 end
+flush()
 if mode == 'refund' then
   return { 1 }
 end

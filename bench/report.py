@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Turns the benchmark's JSON lines into a Markdown table and an SVG chart.
+
+usage: report.py RESULTS.jsonl OUT.md OUT.svg
+"""
+import json
+import sys
+from datetime import datetime, timezone
+
+
+def load(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def fmt(v, digits=1):
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def table(rows, meta):
+    by = {r["id"]: r for r in rows}
+    out = []
+    out.append(f"# Tollgate benchmark, {meta['date']}\n")
+    out.append(f"Machine: {meta['machine']}. Load: wrk {meta['wrk']}, {meta['seconds']} s per scenario, "
+               "loopback; wrk, NGINX, Redis and the gateway share the machine's cores.\n")
+    out.append("| scenario | req/s | p50 ms | p99 ms | p99.9 ms | non-2xx | proxy CPU us/req | Redis CPU us/req | Redis cmds/req |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            r["name"], fmt(r["rps"], 0), fmt(r["p50_us"] / 1000, 2), fmt(r["p99_us"] / 1000, 2),
+            fmt(r["p999_us"] / 1000, 2), r["non2xx"], fmt(r.get("proxy_cpu_us")),
+            fmt(r.get("redis_cpu_us")), fmt(r.get("redis_cmds"), 3)))
+    out.append("")
+
+    def ratio(a, b):
+        if a in by and b in by and by[b]["rps"]:
+            return by[a]["rps"] / by[b]["rps"]
+        return None
+
+    checks = []
+    c_b = ratio("c", "b")
+    if c_b is not None:
+        checks.append(("c/b throughput (target >= 0.7)", fmt(c_b, 2), c_b >= 0.7))
+    e_c = ratio("e", "c")
+    if e_c is not None:
+        checks.append(("e/c throughput (target >= 0.7)", fmt(e_c, 2), e_c >= 0.7))
+    if "e" in by and by["e"].get("redis_cpu_us") is not None and by["e"].get("redis_decisions"):
+        per = by["e"]["redis_cpu_total_us"] / by["e"]["redis_decisions"]
+        checks.append(("Redis CPU per decision in e (target <= 10 us)", fmt(per), per <= 10))
+    if "e" in by and by["e"].get("evalsha_per_req") is not None:
+        v = by["e"]["evalsha_per_req"]
+        checks.append(("Redis calls per allowed request in e (target <= 1)", fmt(v, 3), v <= 1))
+    if "f" in by and by["f"].get("evalsha_per_req") is not None:
+        v = by["f"]["evalsha_per_req"]
+        checks.append(("Redis calls per denied request in f (target <= 0.05)", fmt(v, 4), v <= 0.05))
+    if "cm" in by and "em" in by:
+        d = (by["em"]["p99_us"] - by["cm"]["p99_us"]) / 1000
+        checks.append(("p99(e) - p99(c) at moderate load (target <= 1 ms)", fmt(d, 2) + " ms", d <= 1))
+    h_d = ratio("h", "d")
+    if h_d is not None:
+        checks.append(("h/d throughput, Redis down vs memory (target close to 1)", fmt(h_d, 2), h_d >= 0.8))
+    out.append("| target | measured | met |")
+    out.append("|---|---:|:---:|")
+    for name, value, ok in checks:
+        out.append(f"| {name} | {value} | {'yes' if ok else 'no'} |")
+    out.append("")
+    out.append("Columns: proxy CPU is the user+system CPU of the proxy process (NGINX for b, the "
+               "gateway otherwise) divided by requests; Redis CPU and commands are deltas of "
+               "`INFO cpu` and `INFO commandstats` (INFO itself excluded) divided by requests.")
+    return "\n".join(out) + "\n"
+
+
+def svg(rows):
+    width, left, bar_h, gap = 900, 300, 16, 10
+    max_rps = max((r["rps"] for r in rows), default=1) or 1
+    max_p99 = max((r["p99_us"] for r in rows), default=1) or 1
+    height = 60 + len(rows) * (2 * bar_h + gap) + 20
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="12">',
+             '<rect width="100%" height="100%" fill="white"/>',
+             '<text x="10" y="20" font-size="15" font-weight="bold">Tollgate benchmark: throughput and p99 by scenario</text>',
+             '<rect x="10" y="32" width="12" height="12" fill="#3b7dd8"/><text x="28" y="43">req/s</text>',
+             '<rect x="90" y="32" width="12" height="12" fill="#e07b39"/><text x="108" y="43">p99 latency</text>']
+    y = 60
+    span = width - left - 120
+    for r in rows:
+        w1 = span * r["rps"] / max_rps
+        w2 = span * r["p99_us"] / max_p99
+        parts.append(f'<text x="10" y="{y + bar_h + 4}">{r["name"][:42]}</text>')
+        parts.append(f'<rect x="{left}" y="{y}" width="{w1:.1f}" height="{bar_h}" fill="#3b7dd8"/>')
+        parts.append(f'<text x="{left + w1 + 5:.1f}" y="{y + 12}">{r["rps"]:,.0f}/s</text>')
+        parts.append(f'<rect x="{left}" y="{y + bar_h}" width="{w2:.1f}" height="{bar_h}" fill="#e07b39"/>')
+        parts.append(f'<text x="{left + w2 + 5:.1f}" y="{y + bar_h + 12}">{r["p99_us"] / 1000:.2f} ms</text>')
+        y += 2 * bar_h + gap
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
+def main():
+    rows = load(sys.argv[1])
+    meta = rows[0].get("meta", {}) if rows else {}
+    rows = [r for r in rows if "id" in r]
+    meta.setdefault("date", datetime.now(timezone.utc).strftime("%Y-%m-%d"))
+    md = table(rows, meta)
+    with open(sys.argv[2], "w") as f:
+        f.write(md)
+    with open(sys.argv[3], "w") as f:
+        f.write(svg(rows))
+    sys.stdout.write(md)
+
+
+if __name__ == "__main__":
+    main()

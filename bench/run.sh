@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Tollgate benchmark: sets up everything on loopback (a private redis-server, an NGINX upstream
+# serving a small body, NGINX as the reference proxy, the gateway in release mode), drives each
+# scenario with wrk, prints a Markdown table, and writes bench/results/<date>.md and .svg.
+#
+#   bash bench/run.sh            # 10 s per scenario
+#   bash bench/run.sh --quick    # 1 s per scenario (CI: checks the suite still runs)
+#
+# Bounded in time, loopback only; every process it starts is stopped on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+SECONDS_PER=10
+CONNS=32
+QUICK=0
+if [ "${1:-}" = "--quick" ]; then SECONDS_PER=1; QUICK=1; fi
+
+need=()
+command -v wrk >/dev/null 2>&1 || need+=(wrk)
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx)
+
+cargo build --release --quiet --bin tollgate
+BIN="$ROOT/target/release/tollgate"
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+wait_port() {
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "port $1 never opened" >&2; return 1
+}
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+# --- upstream and reference proxy (NGINX, one worker each) ---
+UP=$(free_port); REF=$(free_port)
+mkdir -p "$WORK/nginx-up" "$WORK/nginx-ref"
+cat > "$WORK/nginx-up/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/nginx-up/pid; error_log stderr error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP; location / { return 200 "hello from the benchmark upstream\n"; } } }
+CONF
+cat > "$WORK/nginx-ref/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/nginx-ref/pid; error_log stderr error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  server { listen 127.0.0.1:$REF; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+"$NGINX" -p "$WORK/nginx-up" -c "$WORK/nginx-up/nginx.conf" 2>/dev/null & PIDS+=($!)
+"$NGINX" -p "$WORK/nginx-ref" -c "$WORK/nginx-ref/nginx.conf" 2>/dev/null & PIDS+=($!)
+wait_port "$UP"; wait_port "$REF"
+REF_PID=$(cat "$WORK/nginx-ref/pid")
+REF_WORKER=$(pgrep -P "$REF_PID" | head -1)
+
+# --- Redis, and a 5 ms relay in front of it ---
+RP=$(free_port); SLOW=$(free_port); DEAD=$(free_port)
+redis-server --port "$RP" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+  --logfile "$WORK/redis.log" & PIDS+=($!)
+REDIS_PID=$!
+wait_port "$RP"
+python3 bench/relay.py "$SLOW" "$RP" 5 & PIDS+=($!)
+wait_port "$SLOW"
+
+rcli() { redis-cli -p "$RP" "$@"; }
+redis_cpu_us() { rcli INFO cpu | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.0f", s * 1000000}'; }
+redis_calls() { rcli INFO commandstats | awk -F'[=,:]' '/^cmdstat_/ && !/^cmdstat_info:/ {s += $3} END {print s+0}'; }
+redis_evalsha() { rcli INFO commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3}' | grep . || echo 0; }
+
+# --- gateway configs ---
+gateway_config() { # $1 = file, $2 = store yaml, $3 = limits yaml, $4 = port, $5 = admin port
+  cat > "$1" <<CONF
+listen: ["127.0.0.1:$4"]
+admin: { listen: "127.0.0.1:$5" }
+access_log: off
+server: { threads: 1 }
+store: $2
+breaker: { failure_threshold: 3, open_ms: 1000, fallback: local }
+upstreams: { up: { targets: ["127.0.0.1:$UP"] } }
+routes:
+  - name: bench
+    upstream: up
+    limits: $3
+CONF
+}
+MEM='{ kind: memory }'
+REDIS="{ kind: redis, redis: { urls: [\"redis://127.0.0.1:$RP\"], timeout_ms: 50 } }"
+REDIS_SLOW="{ kind: redis, redis: { urls: [\"redis://127.0.0.1:$SLOW\"], timeout_ms: 50 } }"
+REDIS_DOWN="{ kind: redis, redis: { urls: [\"redis://127.0.0.1:$DEAD\"], timeout_ms: 20 } }"
+ONE='[ { name: per-ip, key: ["ip"], rate: "1000000/s", burst: 1000000 } ]'
+THREE='[ { name: per-key, key: ["header:x-key"], rate: "1000000/s", burst: 1000000 }, { name: per-ip, key: ["ip"], rate: "1000000/s", burst: 1000000 }, { name: global, key: ["literal:all"], rate: "1000000/s", burst: 1000000 } ]'
+HOT='[ { name: per-key, key: ["header:x-key"], rate: "1/h", burst: 1 } ]'
+
+RESULTS="$WORK/results.jsonl"
+MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
+echo "{\"meta\": {\"date\": \"$(date -u +%Y-%m-%d)\", \"machine\": \"$MACHINE\", \"wrk\": \"-t1 -c$CONNS\", \"seconds\": $SECONDS_PER}}" > "$RESULTS"
+
+# run_load ID NAME URL PROXY_PID CONNS [KEYS] [KEY]
+run_load() {
+  local id=$1 name=$2 url=$3 pid=$4 conns=$5 keys=${6:-0} key=${7:-}
+  # Warm up connections and caches.
+  KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d1s -s bench/wrk.lua "$url" >/dev/null 2>&1 || true
+  local cpu0 r_cpu0 r_calls0 r_eval0
+  cpu0=$(cpu_ticks "$pid"); r_cpu0=$(redis_cpu_us); r_calls0=$(redis_calls); r_eval0=$(redis_evalsha)
+  local out
+  out=$(KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d"${SECONDS_PER}s" -s bench/wrk.lua "$url" | grep '^JSON ' | sed 's/^JSON //')
+  local cpu1 r_cpu1 r_calls1 r_eval1
+  cpu1=$(cpu_ticks "$pid"); r_cpu1=$(redis_cpu_us); r_calls1=$(redis_calls); r_eval1=$(redis_evalsha)
+  python3 - "$id" "$name" "$out" "$cpu0" "$cpu1" "$TICK" "$r_cpu0" "$r_cpu1" "$r_calls0" "$r_calls1" "$r_eval0" "$r_eval1" >> "$RESULTS" <<'PY'
+import json, sys
+(id_, name, out, cpu0, cpu1, tick, rc0, rc1, calls0, calls1, ev0, ev1) = sys.argv[1:]
+w = json.loads(out)
+req = max(w["requests"], 1)
+cpu_us = (int(cpu1) - int(cpu0)) / int(tick) * 1e6
+redis_cpu = int(rc1) - int(rc0)
+evals = int(ev1) - int(ev0)
+row = {
+    "id": id_, "name": name,
+    "rps": w["requests"] / (w["duration_us"] / 1e6),
+    "p50_us": w["p50_us"], "p99_us": w["p99_us"], "p999_us": w["p999_us"],
+    "non2xx": w["non2xx"], "errors": w["errors"],
+    "proxy_cpu_us": cpu_us / req,
+    "redis_cpu_us": redis_cpu / req, "redis_cpu_total_us": redis_cpu,
+    "redis_cmds": (int(calls1) - int(calls0)) / req,
+    "evalsha_per_req": evals / req,
+    "redis_decisions": w["requests"] if evals else 0,
+}
+print(json.dumps(row))
+PY
+  echo "  $id: $name done" >&2
+}
+
+# start_gateway CONFIG -> sets GW_PID
+start_gateway() {
+  "$BIN" --config "$1" 2>"$1.log" & GW_PID=$!
+  PIDS+=("$GW_PID")
+  wait_port "$2"
+}
+stop_gateway() { kill "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/null || true; }
+
+echo "== scenarios (${SECONDS_PER}s each)" >&2
+UP_PID=$(cat "$WORK/nginx-up/pid"); UP_WORKER=$(pgrep -P "$UP_PID" | head -1)
+run_load a "a. upstream direct (NGINX return 200)" "http://127.0.0.1:$UP/" "$UP_WORKER" "$CONNS"
+run_load b "b. NGINX proxy_pass (reference proxy)" "http://127.0.0.1:$REF/" "$REF_WORKER" "$CONNS"
+
+scenario() { # id name store limits conns keys key
+  local id=$1 name=$2 store=$3 limits=$4 conns=$5 keys=${6:-0} key=${7:-}
+  local port admin cfg
+  port=$(free_port); admin=$(free_port); cfg="$WORK/$id.yaml"
+  gateway_config "$cfg" "$store" "$limits" "$port" "$admin"
+  start_gateway "$cfg" "$port"
+  if [ "$id" = "h" ]; then
+    # Let the breaker open first.
+    KEYS=0 wrk -t1 -c4 -d1s -s bench/wrk.lua "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
+  fi
+  run_load "$id" "$name" "http://127.0.0.1:$port/" "$GW_PID" "$conns" "$keys" "$key"
+  stop_gateway
+}
+scenario c "c. Tollgate, route without limits" "$MEM" "[]" "$CONNS"
+scenario d "d. memory store, 1 limit, allowed" "$MEM" "$ONE" "$CONNS"
+scenario e "e. Redis, 3 limits, 10k keys, allowed" "$REDIS" "$THREE" "$CONNS" 10000
+scenario f "f. Redis, one key far over its limit" "$REDIS" "$HOT" "$CONNS" 0 hot
+scenario g "g. Redis + 5 ms latency (relay)" "$REDIS_SLOW" "$THREE" "$CONNS" 10000
+scenario h "h. Redis down (breaker open, local)" "$REDIS_DOWN" "$THREE" "$CONNS" 10000
+scenario cm "c at moderate load (wrk -c4)" "$MEM" "[]" 4
+scenario em "e at moderate load (wrk -c4)" "$REDIS" "$THREE" 4 10000
+
+DATE=$(date -u +%Y-%m-%d)
+SUFFIX=""
+[ "$QUICK" = 1 ] && SUFFIX="-quick"
+OUT_MD="bench/results/$DATE$SUFFIX.md"
+OUT_SVG="bench/results/$DATE$SUFFIX.svg"
+python3 bench/report.py "$RESULTS" "$OUT_MD" "$OUT_SVG"
+cp "$RESULTS" "bench/results/$DATE$SUFFIX.jsonl"
+echo "wrote $OUT_MD and $OUT_SVG" >&2
