@@ -86,6 +86,7 @@ fn route(i: usize, path: PathMatch) -> Arc<Route> {
             legacy: true,
             ietf: true,
         },
+        stats: Default::default(),
     })
 }
 

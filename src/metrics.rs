@@ -23,6 +23,39 @@ pub const UPSTREAM_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "error"];
 /// The `route` label of requests that matched no route.
 pub const NO_ROUTE_LABEL: &str = "";
 
+/// A route's series, resolved once (a label lookup hashes the label values: not per request).
+pub struct RouteStats {
+    /// In the order of [`DECISIONS`].
+    decisions: Vec<IntCounter>,
+    /// In the order of [`UPSTREAM_CLASSES`].
+    upstream: Vec<IntCounter>,
+    pub upstream_duration: prometheus::Histogram,
+}
+
+impl std::fmt::Debug for RouteStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RouteStats")
+    }
+}
+
+impl RouteStats {
+    /// The counter of a decision label (one of [`DECISIONS`]).
+    pub fn decision(&self, label: &str) -> Option<&IntCounter> {
+        DECISIONS
+            .iter()
+            .position(|d| *d == label)
+            .and_then(|i| self.decisions.get(i))
+    }
+
+    /// The counter of an upstream class (one of [`UPSTREAM_CLASSES`]).
+    pub fn upstream(&self, class: &str) -> Option<&IntCounter> {
+        UPSTREAM_CLASSES
+            .iter()
+            .position(|c| *c == class)
+            .and_then(|i| self.upstream.get(i))
+    }
+}
+
 /// Every metric family the gateway exports.
 pub struct Metrics {
     registry: Registry,
@@ -38,6 +71,10 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     pub runtime_tasks: IntGaugeVec,
     pub deny_cache_hits: IntCounter,
+    /// Resolved series used on every request.
+    pub no_route: IntCounter,
+    pub proxy_tasks: IntGauge,
+    decision_by_store: Vec<(&'static str, prometheus::Histogram)>,
 }
 
 fn fail(e: prometheus::Error) -> String {
@@ -155,7 +192,12 @@ impl Metrics {
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
-        requests.with_label_values(&[NO_ROUTE_LABEL, "no_route"]);
+        let no_route = requests.with_label_values(&[NO_ROUTE_LABEL, "no_route"]);
+        let proxy_tasks = runtime_tasks.with_label_values(&["proxy"]);
+        let decision_by_store = ["memory", "redis", "local_fallback"]
+            .into_iter()
+            .map(|s| (s, decision_duration.with_label_values(&[s])))
+            .collect();
         Ok(Metrics {
             registry,
             requests,
@@ -170,7 +212,40 @@ impl Metrics {
             in_flight,
             runtime_tasks,
             deny_cache_hits,
+            no_route,
+            proxy_tasks,
+            decision_by_store,
         })
+    }
+
+    /// The decision-duration histogram of a store label.
+    pub fn decision_duration_for(&self, store: &str) -> Option<&prometheus::Histogram> {
+        self.decision_by_store
+            .iter()
+            .find(|(s, _)| *s == store)
+            .map(|(_, h)| h)
+    }
+
+    /// Resolves a route's series once.
+    pub fn route_stats(&self, route: &str) -> RouteStats {
+        RouteStats {
+            decisions: DECISIONS
+                .iter()
+                .map(|d| {
+                    let label = if *d == "no_route" {
+                        NO_ROUTE_LABEL
+                    } else {
+                        route
+                    };
+                    self.requests.with_label_values(&[label, d])
+                })
+                .collect(),
+            upstream: UPSTREAM_CLASSES
+                .iter()
+                .map(|c| self.upstream_responses.with_label_values(&[route, c]))
+                .collect(),
+            upstream_duration: self.upstream_duration.with_label_values(&[route]),
+        }
     }
 
     /// Creates the series of a route at 0 so dashboards see them before the first request.

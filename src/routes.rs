@@ -86,6 +86,8 @@ pub struct Route {
     pub shadow: bool,
     pub limits: Vec<Limit>,
     pub headers: HeaderFlags,
+    /// This route's metric series, resolved on first use.
+    pub stats: std::sync::OnceLock<crate::metrics::RouteStats>,
 }
 
 impl Route {
@@ -249,6 +251,7 @@ mod tests {
                 legacy: true,
                 ietf: true,
             },
+            stats: Default::default(),
         })
     }
 

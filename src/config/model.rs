@@ -438,6 +438,7 @@ fn build_route(
         shadow: r.shadow,
         limits,
         headers: header_flags(r.headers, default_headers),
+        stats: Default::default(),
     })
 }
 

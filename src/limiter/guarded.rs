@@ -78,10 +78,9 @@ impl Decider {
     }
 
     fn observe(&self, kind: StoreKind, started: Instant) {
-        self.metrics
-            .decision_duration
-            .with_label_values(&[kind.label()])
-            .observe(started.elapsed().as_secs_f64());
+        if let Some(h) = self.metrics.decision_duration_for(kind.label()) {
+            h.observe(started.elapsed().as_secs_f64());
+        }
     }
 
     fn count_error(&self, e: &StoreError) {

@@ -11,8 +11,9 @@ pub mod response;
 use crate::keys::{self, RequestView};
 use crate::limiter::guarded::Via;
 use crate::limiter::plan::{self, Decision};
-use crate::metrics::{status_class, NO_ROUTE_LABEL};
+use crate::metrics::{status_class, RouteStats, NO_ROUTE_LABEL};
 use crate::routes::normalize_host;
+use crate::routes::Route;
 use crate::state::Shared;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -35,13 +36,23 @@ impl Gateway {
         Gateway { shared }
     }
 
-    fn count(&self, route: &str, decision: &'static str, ctx: &mut Ctx) {
+    fn stats<'r>(&self, route: &'r Route) -> &'r RouteStats {
+        route
+            .stats
+            .get_or_init(|| self.shared.metrics.route_stats(&route.name))
+    }
+
+    /// Counts the request under its decision (`route` is `None` for no route).
+    fn count(&self, route: Option<&Route>, decision: &'static str, ctx: &mut Ctx) {
         ctx.decision_label = decision;
-        self.shared
-            .metrics
-            .requests
-            .with_label_values(&[route, decision])
-            .inc();
+        match route {
+            Some(route) => {
+                if let Some(counter) = self.stats(route).decision(decision) {
+                    counter.inc();
+                }
+            }
+            None => self.shared.metrics.no_route.inc(),
+        }
     }
 }
 
@@ -83,7 +94,7 @@ impl ProxyHttp for Gateway {
             .find(&req.method, host.as_deref(), path)
             .cloned()
         else {
-            self.count(NO_ROUTE_LABEL, "no_route", ctx);
+            self.count(None, "no_route", ctx);
             ctx.config = Some(config);
             let (resp, body) = response::problem(404, "Not Found", "no_route")?;
             return send(session, resp, body).await;
@@ -136,13 +147,13 @@ impl ProxyHttp for Gateway {
                         Decision::from_outcomes(plan, guarded.outcomes)
                     }
                     Via::AllowFallback => {
-                        self.count(&route.name, "fallback_allowed", ctx);
+                        self.count(Some(&route), "fallback_allowed", ctx);
                         ctx.route = Some(route);
                         ctx.config = Some(config);
                         return Ok(false);
                     }
                     Via::DenyFallback { retry_after_ns } => {
-                        self.count(&route.name, "fallback_limited", ctx);
+                        self.count(Some(&route), "fallback_limited", ctx);
                         let (mut resp, body) =
                             response::problem(503, "Service Unavailable", "limiter_unavailable")?;
                         resp.insert_header(
@@ -160,7 +171,7 @@ impl ProxyHttp for Gateway {
         ctx.config = Some(config);
         if decision.allowed {
             self.count(
-                &route.name,
+                Some(&route),
                 if fallback {
                     "fallback_allowed"
                 } else {
@@ -172,7 +183,7 @@ impl ProxyHttp for Gateway {
                 ctx.decision = Some(decision);
             }
         } else if route.shadow {
-            self.count(&route.name, "shadow_limited", ctx);
+            self.count(Some(&route), "shadow_limited", ctx);
             tracing::info!(
                 route = %route.name,
                 violated = ?decision.violated,
@@ -180,7 +191,7 @@ impl ProxyHttp for Gateway {
             );
         } else {
             self.count(
-                &route.name,
+                Some(&route),
                 if fallback {
                     "fallback_limited"
                 } else {
@@ -262,15 +273,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         if let Some(route) = &ctx.route {
-            let metrics = &self.shared.metrics;
-            metrics
-                .upstream_responses
-                .with_label_values(&[&route.name, status_class(upstream_response.status.as_u16())])
-                .inc();
+            let stats = self.stats(route);
+            if let Some(c) = stats.upstream(status_class(upstream_response.status.as_u16())) {
+                c.inc();
+            }
             if let Some(start) = ctx.upstream_start {
-                metrics
+                stats
                     .upstream_duration
-                    .with_label_values(&[&route.name])
                     .observe(start.elapsed().as_secs_f64());
             }
             if let Some(decision) = &ctx.decision {
@@ -299,11 +308,9 @@ impl ProxyHttp for Gateway {
         };
         if e.esource() == &ErrorSource::Upstream {
             if let Some(route) = &ctx.route {
-                self.shared
-                    .metrics
-                    .upstream_responses
-                    .with_label_values(&[&route.name, "error"])
-                    .inc();
+                if let Some(c) = self.stats(route).upstream("error") {
+                    c.inc();
+                }
             }
         }
         if code > 0 {
@@ -321,8 +328,7 @@ impl ProxyHttp for Gateway {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             self.shared
                 .metrics
-                .runtime_tasks
-                .with_label_values(&["proxy"])
+                .proxy_tasks
                 .set(handle.metrics().num_alive_tasks() as i64);
         }
         let Some(level) = ctx.config.as_ref().and_then(|c| c.access_log) else {
