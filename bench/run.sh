@@ -6,6 +6,7 @@
 #   bash bench/run.sh            # 10 s per scenario
 #   bash bench/run.sh --quick    # 1 s per scenario (CI: checks the suite still runs)
 #
+# ONLY="e f" bash bench/run.sh runs just those scenarios (ids a-h, cm, em).
 # Bounded in time, loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -116,6 +117,7 @@ echo "{\"meta\": {\"date\": \"$(date -u +%Y-%m-%d)\", \"machine\": \"$MACHINE\",
 
 # run_load ID NAME URL PROXY_PID CONNS [KEYS] [KEY]
 run_load() {
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
   local id=$1 name=$2 url=$3 pid=$4 conns=$5 keys=${6:-0} key=${7:-}
   # Warm up connections and caches.
   KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d1s -s bench/wrk.lua "$url" >/dev/null 2>&1 || true
@@ -163,6 +165,7 @@ run_load a "a. upstream direct (NGINX return 200)" "http://127.0.0.1:$UP/" "$UP_
 run_load b "b. NGINX proxy_pass (reference proxy)" "http://127.0.0.1:$REF/" "$REF_WORKER" "$CONNS"
 
 scenario() { # id name store limits conns keys key
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
   local id=$1 name=$2 store=$3 limits=$4 conns=$5 keys=${6:-0} key=${7:-}
   local port admin cfg
   port=$(free_port); admin=$(free_port); cfg="$WORK/$id.yaml"

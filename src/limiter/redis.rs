@@ -22,7 +22,7 @@ pub const TOKEN_BUCKET_LUA: &str = include_str!("../../lua/token_bucket.lua");
 /// Most requests decided by one script call.
 pub const MAX_BATCH: usize = 64;
 /// Most batch calls in flight at once (per store).
-pub const MAX_BATCHES_IN_FLIGHT: usize = 8;
+pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// What one script call needs; cheap to clone (fred's client is a handle).
 #[derive(Clone)]
