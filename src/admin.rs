@@ -180,23 +180,14 @@ impl AdminApp {
         let slot = self.shared.store();
         let timeout = slot.config.redis.timeout.max(Duration::from_millis(200));
         if method == Method::DELETE {
-            let reset = tokio::time::timeout(timeout, slot.store.reset(&key)).await;
+            let reset = bounded(timeout, slot.store.reset(&key)).await;
             self.shared.decider.forget(&key).await;
             return match reset {
-                Ok(Ok(())) => json_response(
+                Ok(()) => json_response(
                     StatusCode::OK,
                     json!({"route": route_name, "limit": limit_name, "key": value, "reset": true}),
                 ),
-                Ok(Err(e)) => error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    e.to_string(),
-                ),
-                Err(_) => error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "store_unavailable",
-                    "store call timed out",
-                ),
+                Err(resp) => *resp,
             };
         }
         let request = BucketRequest {
@@ -205,8 +196,8 @@ impl AdminApp {
             burst: policy.burst,
             cost: 0,
         };
-        match tokio::time::timeout(timeout, slot.store.peek(&request)).await {
-            Ok(Ok(o)) => json_response(
+        match bounded(timeout, slot.store.peek(&request)).await {
+            Ok(o) => json_response(
                 StatusCode::OK,
                 json!({
                     "route": route_name,
@@ -220,16 +211,7 @@ impl AdminApp {
                     "next_token_ms": ms(o.next_token_ns),
                 }),
             ),
-            Ok(Err(e)) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                e.to_string(),
-            ),
-            Err(_) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "store call timed out",
-            ),
+            Err(resp) => *resp,
         }
     }
 
@@ -298,9 +280,7 @@ impl AdminApp {
                     slot.store.kind().label(),
                 ),
                 Via::LocalFallback => {
-                    for (_, policy) in &mut plan.limits {
-                        *policy = policy.per_instance(config.breaker.fallback_instances);
-                    }
+                    plan.per_instance(config.breaker.fallback_instances);
                     (
                         Decision::from_outcomes(plan, guarded.outcomes),
                         "local_fallback",
@@ -343,6 +323,23 @@ impl AdminApp {
             }),
         )
     }
+}
+
+/// A store call bounded by `timeout`; a failure is a 503 with the reason.
+async fn bounded<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, crate::limiter::StoreError>>,
+) -> Result<T, Box<Response<Vec<u8>>>> {
+    let reason = match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => return Ok(value),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "store call timed out".to_string(),
+    };
+    Err(Box::new(error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "store_unavailable",
+        reason,
+    )))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

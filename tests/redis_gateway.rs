@@ -357,17 +357,6 @@ async fn rediss_urls_speak_tls() {
     );
 }
 
-fn evalsha_calls(redis: &RedisProcess) -> u64 {
-    let stats = redis.cli(&["INFO", "commandstats"]).unwrap();
-    stats
-        .lines()
-        .find(|l| l.starts_with("cmdstat_evalsha:"))
-        .and_then(|l| l.split("calls=").nth(1))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denials_are_cached_until_the_bucket_could_admit() {
     let redis = RedisProcess::standalone();
@@ -379,7 +368,7 @@ async fn denials_are_cached_until_the_bucket_could_admit() {
     .await;
     assert_eq!(status(&gw, "flood").await, 200);
     assert_eq!(status(&gw, "flood").await, 200);
-    let before = evalsha_calls(&redis);
+    let before = redis.evalsha_calls();
     let mut headers_ok = true;
     for _ in 0..40 {
         let r = client()
@@ -394,7 +383,7 @@ async fn denials_are_cached_until_the_bucket_could_admit() {
             .is_ok_and(|s| s > 3000);
     }
     assert!(headers_ok, "cached denials keep their Retry-After");
-    let calls = evalsha_calls(&redis) - before;
+    let calls = redis.evalsha_calls() - before;
     assert!(calls <= 2, "{calls} Redis calls for 40 denials");
     assert!(gw.metric("tollgate_deny_cache_hits_total").await.unwrap() >= 38.0);
     // An admin reset adds tokens early: the cached denial is dropped.

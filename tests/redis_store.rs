@@ -178,18 +178,7 @@ async fn cluster_gives_tokens_back_when_another_slot_denies() {
 async fn concurrent_decisions_share_calls_and_stay_exact() {
     let redis = RedisProcess::standalone();
     let store = std::sync::Arc::new(connected(RedisMode::Standalone, vec![redis.url()]).await);
-    let calls = || -> u64 {
-        redis
-            .cli(&["INFO", "commandstats"])
-            .unwrap()
-            .lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:"))
-            .and_then(|l| l.split("calls=").nth(1))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let before = calls();
+    let before = redis.evalsha_calls();
     let tasks: Vec<_> = (0..400)
         .map(|i| {
             let store = store.clone();
@@ -214,7 +203,7 @@ async fn concurrent_decisions_share_calls_and_stay_exact() {
         }
     }
     assert_eq!(admitted, 50, "exactly the burst of the shared bucket");
-    let used = calls() - before;
+    let used = redis.evalsha_calls() - before;
     assert!(
         used < 400,
         "{used} script calls for 400 concurrent decisions"

@@ -31,6 +31,13 @@ pub fn bucket_key(route: &str, limit: &str, value: &str) -> String {
 }
 
 impl Plan {
+    /// The policies as the local fallback enforces them: each instance's share of N.
+    pub fn per_instance(&mut self, instances: u32) {
+        for (_, policy) in &mut self.limits {
+            *policy = policy.per_instance(instances);
+        }
+    }
+
     /// Adds one limit whose key value is known (`None`: its key is missing).
     fn add(&mut self, route: &Route, limit: &Limit, value: Option<String>, cost: u64) {
         let Some(value) = value else {

@@ -140,10 +140,7 @@ impl ProxyHttp for Gateway {
                     Via::Store => Decision::from_outcomes(plan, guarded.outcomes),
                     Via::LocalFallback => {
                         fallback = true;
-                        let n = config.breaker.fallback_instances;
-                        for (_, policy) in &mut plan.limits {
-                            *policy = policy.per_instance(n);
-                        }
+                        plan.per_instance(config.breaker.fallback_instances);
                         Decision::from_outcomes(plan, guarded.outcomes)
                     }
                     Via::AllowFallback => {

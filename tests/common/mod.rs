@@ -158,6 +158,19 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, text).expect("write config");
+        Gateway::launch(proxy, admin, dir, config_path, wrapper, env).await
+    }
+
+    /// Runs the binary on `config_path` (under `wrapper`, with `env`), logging into `dir`,
+    /// and waits for `/ready`.
+    async fn launch(
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
@@ -202,25 +215,7 @@ impl Gateway {
         let proxy = find("listen:");
         let admin = find("admin:");
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = std::fs::File::create(dir.path().join("gateway.log")).expect("log file");
-        let child = Command::new(bin())
-            .arg("--config")
-            .arg(config_path)
-            .env("RUST_LOG", "info")
-            .env_remove("TOLLGATE_ADMIN_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn tollgate");
-        let gw = Gateway {
-            child,
-            proxy,
-            admin,
-            dir,
-            config_path: config_path.to_path_buf(),
-        };
-        gw.wait_ready().await;
-        gw
+        Gateway::launch(proxy, admin, dir, config_path.to_path_buf(), &[], &[]).await
     }
 
     pub async fn wait_ready(&self) {

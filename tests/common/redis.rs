@@ -195,6 +195,18 @@ impl RedisProcess {
         cli_tls(self.port, self.tls.as_deref(), args)
     }
 
+    /// `EVALSHA` calls this server has run (from `INFO commandstats`).
+    pub fn evalsha_calls(&self) -> u64 {
+        self.cli(&["INFO", "commandstats"])
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
