@@ -397,3 +397,52 @@ async fn denials_are_cached_until_the_bucket_could_admit() {
     // Another user is unaffected by the cache.
     assert_eq!(status(&gw, "other").await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_values_are_never_spliced_raw_into_redis_keys() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let gw = Gateway::start(
+        &redis_yaml(&standalone(&redis.url()), &per_user(2)),
+        up.addr,
+    )
+    .await;
+    let long = "x".repeat(200);
+    let values: [&[u8]; 4] = [
+        b"alice",
+        b"evil} {tollgate:other",
+        long.as_bytes(),
+        "caf\u{e9} au lait".as_bytes(),
+    ];
+    for v in values {
+        let r = client()
+            .get(gw.url("/"))
+            .header(
+                "x-user",
+                reqwest::header::HeaderValue::from_bytes(v).unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let keys = redis.cli(&["KEYS", "*"]).unwrap();
+    let keys: Vec<&str> = keys.lines().collect();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    assert!(keys.contains(&"tollgate:r:per-user:{alice}"));
+    for key in &keys {
+        let value = key
+            .strip_prefix("tollgate:r:per-user:{")
+            .and_then(|k| k.strip_suffix('}'))
+            .unwrap_or_else(|| panic!("unexpected key layout: {key}"));
+        let plain = value.len() <= 64
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"{}|#".contains(&b));
+        let hashed = value.len() == 33
+            && value.starts_with('#')
+            && value[1..].bytes().all(|b| b.is_ascii_hexdigit());
+        assert!(plain || hashed, "{key}");
+    }
+    assert_eq!(keys.iter().filter(|k| k.contains('#')).count(), 3);
+}

@@ -11,8 +11,9 @@ use fred::interfaces::{ClientLike, KeysInterface};
 use fred::types::config::{Config, ReconnectPolicy, Server, ServerConfig};
 use fred::types::scripts::Script;
 use fred::types::Builder;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -39,12 +40,28 @@ struct Pending {
     reply: oneshot::Sender<Result<Vec<BucketOutcome>, StoreError>>,
 }
 
+/// One thread's decision queue; its batcher and connection run on that thread's runtime.
+struct LocalConn {
+    tx: mpsc::Sender<Pending>,
+}
+
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's decision queues, by store id. Weak: the store owns them.
+    static LOCAL_CONNS: RefCell<Vec<(u64, Weak<LocalConn>)>> = const { RefCell::new(Vec::new()) };
+}
+
 pub struct RedisStore {
+    /// The store's own connection: connect, readiness, script load, peek, reset, Cluster.
     caller: Caller,
     clustered: bool,
-    batch_tx: mpsc::Sender<Pending>,
-    batch_rx: Mutex<Option<mpsc::Receiver<Pending>>>,
-    batching: AtomicBool,
+    id: u64,
+    /// Set by `connect`: from then on each thread that decides gets its own connection.
+    started: AtomicBool,
+    /// The per-thread queues, owned here so that they (and their connections) end with the
+    /// store.
+    locals: Mutex<Vec<Arc<LocalConn>>>,
 }
 
 fn fred_error(e: fred::error::Error) -> StoreError {
@@ -121,7 +138,6 @@ impl RedisStore {
             .set_policy(ReconnectPolicy::new_exponential(0, 50, 2000, 2))
             .build()
             .map_err(fred_error)?;
-        let (batch_tx, batch_rx) = mpsc::channel(64 * 1024);
         Ok(RedisStore {
             caller: Caller {
                 client,
@@ -130,9 +146,9 @@ impl RedisStore {
                 timeout,
             },
             clustered: cfg.mode == RedisMode::Cluster,
-            batch_tx,
-            batch_rx: Mutex::new(Some(batch_rx)),
-            batching: AtomicBool::new(false),
+            id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
+            started: AtomicBool::new(false),
+            locals: Mutex::new(Vec::new()),
         })
     }
 
@@ -142,7 +158,7 @@ impl RedisStore {
     pub async fn connect(&self, wait: Duration) -> Result<(), StoreError> {
         let client = &self.caller.client;
         let _task = client.connect();
-        self.start_batcher();
+        self.started.store(true, Ordering::Release);
         match tokio::time::timeout(wait, client.wait_for_connect()).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(fred_error(e)),
@@ -151,49 +167,53 @@ impl RedisStore {
         self.caller.script.load(client).await.map_err(fred_error)
     }
 
-    /// Starts the task that groups concurrent decisions into one script call (standalone and
-    /// sentinel; in a Cluster decisions go per slot, unbatched). It runs on the current
-    /// runtime until the store is dropped.
-    fn start_batcher(&self) {
-        if self.clustered {
-            return;
+    /// This thread's decision queue, created on first use: a connection of its own and a
+    /// batcher, both spawned on the current runtime, so a decision never leaves the thread
+    /// that serves the request (Pingora runs one runtime per thread). `None` for a Cluster
+    /// (decided per slot, unbatched) or before `connect`.
+    fn local_queue(&self) -> Option<mpsc::Sender<Pending>> {
+        if self.clustered || !self.started.load(Ordering::Acquire) {
+            return None;
         }
-        let Some(mut rx) = self
-            .batch_rx
+        let found = LOCAL_CONNS.with(|conns| {
+            conns
+                .borrow()
+                .iter()
+                .find(|(id, _)| *id == self.id)
+                .and_then(|(_, weak)| weak.upgrade())
+                .map(|conn| conn.tx.clone())
+        });
+        if found.is_some() {
+            return found;
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let caller = Caller {
+            client: self.caller.client.clone_new(),
+            ..self.caller.clone()
+        };
+        // Spawns the connection task on the current runtime (this thread's).
+        let _connection = caller.client.connect();
+        let (tx, rx) = mpsc::channel(64 * 1024);
+        runtime.spawn(run_batcher(caller, rx));
+        let conn = Arc::new(LocalConn { tx: tx.clone() });
+        self.locals
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take()
-        else {
-            return;
-        };
-        let caller = self.caller.clone();
-        self.batching.store(true, Ordering::Release);
-        tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
-            while let Some(first) = rx.recv().await {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                // Everything that queued up while the previous calls were in flight goes in
-                // this call: no waiting when idle, bigger batches under load.
-                let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(p) => batch.push(p),
-                        Err(_) => break,
-                    }
-                }
-                let caller = caller.clone();
-                tokio::spawn(async move {
-                    caller.run_batch(batch).await;
-                    drop(permit);
-                });
-            }
+            .push(conn.clone());
+        LOCAL_CONNS.with(|conns| {
+            let mut conns = conns.borrow_mut();
+            conns.retain(|(_, weak)| weak.strong_count() > 0);
+            conns.push((self.id, Arc::downgrade(&conn)));
         });
+        Some(tx)
     }
 
-    /// Closes the connection.
+    /// Closes the connections (the per-thread ones end when their queues are dropped).
     pub async fn close(&self) {
+        self.locals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let _ = self.caller.client.quit().await;
     }
 
@@ -211,6 +231,32 @@ impl RedisStore {
             .pop()
             .ok_or_else(|| StoreError::Script("empty reply".into()))
     }
+}
+
+/// Groups the decisions queued on one thread into script calls until the queue is dropped,
+/// then closes its connection.
+async fn run_batcher(caller: Caller, mut rx: mpsc::Receiver<Pending>) {
+    let permits = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            break;
+        };
+        // Everything that queued up while the previous calls were in flight goes in this
+        // call: no waiting when idle, bigger batches under load.
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let caller = caller.clone();
+        tokio::spawn(async move {
+            caller.run_batch(batch).await;
+            drop(permit);
+        });
+    }
+    let _ = caller.client.quit().await;
 }
 
 impl Caller {
@@ -321,11 +367,11 @@ impl Store for RedisStore {
         }
         let all: Vec<&BucketRequest> = requests.iter().collect();
         if !self.clustered {
-            if !self.batching.load(Ordering::Acquire) {
+            let Some(queue) = self.local_queue() else {
                 return Ok(self.decide_group(&all).await?.1);
-            }
+            };
             let (reply, answer) = oneshot::channel();
-            self.batch_tx
+            queue
                 .try_send(Pending {
                     requests: requests.to_vec(),
                     reply,
