@@ -12,19 +12,28 @@ use tollgate::limiter::{BucketRequest, Store};
 
 const MS: u64 = 1_000_000;
 
-fn store_for(mode: RedisMode, urls: Vec<String>) -> RedisStore {
+fn store_for(mode: RedisMode, urls: Vec<String>, batch_window: Duration) -> RedisStore {
     RedisStore::new(&RedisConfig {
         mode,
         urls,
         service_name: None,
         timeout: Duration::from_millis(500),
         key_prefix: "t:".into(),
+        batch_window,
     })
     .unwrap()
 }
 
 async fn connected(mode: RedisMode, urls: Vec<String>) -> RedisStore {
-    let store = store_for(mode, urls);
+    connected_with_window(mode, urls, Duration::ZERO).await
+}
+
+async fn connected_with_window(
+    mode: RedisMode,
+    urls: Vec<String>,
+    batch_window: Duration,
+) -> RedisStore {
+    let store = store_for(mode, urls, batch_window);
     store.connect(Duration::from_secs(5)).await.unwrap();
     store
 }
@@ -220,4 +229,35 @@ async fn concurrent_decisions_share_calls_and_stay_exact() {
         }
     }
     assert_eq!(untouched, 350);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_window_gathers_decisions_that_arrive_apart() {
+    let redis = RedisProcess::standalone();
+    let store = std::sync::Arc::new(
+        connected_with_window(
+            RedisMode::Standalone,
+            vec![redis.url()],
+            Duration::from_millis(100),
+        )
+        .await,
+    );
+    let before = redis.evalsha_calls();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .decide(&[bucket(&format!("r:w:{{{i}}}"), 60_000, 1, 1)])
+                .await
+                .unwrap()
+        }));
+        // Requests 5 ms apart: without a window each would be a call of its own.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for t in tasks {
+        assert!(t.await.unwrap()[0].allowed);
+    }
+    let used = redis.evalsha_calls() - before;
+    assert!(used <= 4, "{used} calls for 10 decisions inside one window");
 }

@@ -106,3 +106,8 @@ fn every_shipped_config_is_valid() {
         "config/ holds the demo and the example gateway config"
     );
 }
+
+#[test]
+fn batch_window_must_leave_time_for_the_call() {
+    expect_problems("bad-batch-window");
+}

@@ -59,6 +59,8 @@ pub struct RedisConfig {
     pub service_name: Option<String>,
     pub timeout: Duration,
     pub key_prefix: String,
+    /// How long a batch waits for more decisions after its first (0: send at once).
+    pub batch_window: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,6 +324,17 @@ fn build_store(check: &mut Check, raw: RawStore) -> StoreConfig {
             "must not contain braces or whitespace (braces are the cluster hash tag)",
         );
     }
+    let timeout = positive_ms(check, "store.redis.timeout_ms", raw_redis.timeout_ms, 20);
+    let batch_window = Duration::from_micros(raw_redis.batch_window_us.unwrap_or(0));
+    if batch_window * 2 > timeout {
+        check.err(
+            "store.redis.batch_window_us",
+            format!(
+                "must be under half of timeout_ms ({} us), or decisions time out waiting",
+                timeout.as_micros() / 2
+            ),
+        );
+    }
     let max_buckets = raw
         .memory
         .and_then(|m| m.max_buckets)
@@ -338,8 +351,9 @@ fn build_store(check: &mut Check, raw: RawStore) -> StoreConfig {
             mode,
             urls,
             service_name: raw_redis.service_name,
-            timeout: positive_ms(check, "store.redis.timeout_ms", raw_redis.timeout_ms, 20),
+            timeout,
             key_prefix,
+            batch_window,
         },
         max_buckets,
     }

@@ -63,6 +63,7 @@ pub struct RawRedis {
     pub service_name: Option<String>,
     pub timeout_ms: Option<u64>,
     pub key_prefix: Option<String>,
+    pub batch_window_us: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

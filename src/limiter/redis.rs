@@ -32,6 +32,8 @@ struct Caller {
     script: Script,
     prefix: String,
     timeout: Duration,
+    /// How long a batch waits for more decisions after its first.
+    batch_window: Duration,
 }
 
 /// A request waiting for the batcher.
@@ -144,6 +146,7 @@ impl RedisStore {
                 script: Script::from_lua(TOKEN_BUCKET_LUA),
                 prefix: cfg.key_prefix.clone(),
                 timeout,
+                batch_window: cfg.batch_window,
             },
             clustered: cfg.mode == RedisMode::Cluster,
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
@@ -248,6 +251,16 @@ async fn run_batcher(caller: Caller, mut rx: mpsc::Receiver<Pending>) {
             match rx.try_recv() {
                 Ok(p) => batch.push(p),
                 Err(_) => break,
+            }
+        }
+        // With a window, wait a little longer for more (trading latency for fewer calls).
+        if !caller.batch_window.is_zero() {
+            let deadline = tokio::time::Instant::now() + caller.batch_window;
+            while batch.len() < MAX_BATCH {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => batch.push(p),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         let caller = caller.clone();
