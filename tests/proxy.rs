@@ -503,3 +503,78 @@ routes:
             > 0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_never_bring_the_gateway_down() {
+    let up = Upstream::start();
+    let gw = Gateway::start(
+        r#"
+listen: ["{PROXY}"]
+admin: { listen: "{ADMIN}" }
+client_ip: { trusted_proxies: ["127.0.0.1/32"] }
+upstreams: { app: { targets: ["{UPSTREAM}"] } }
+routes:
+  - name: users
+    match: { path_regex: "^/users/(?P<id>[^/]+)/orders$" }
+    upstream: app
+    limits:
+      - { name: per-user, key: ["path_param:id", "header:x-k|ip", "query:q"], rate: "10/s", cost_header: X-Cost, on_missing_key: anonymous }
+  - { name: rest, upstream: app, limits: [ { name: l, key: ["host", "ip"], rate: "100/s" } ] }
+"#,
+        up.addr,
+    )
+    .await;
+    let long_header = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-K: {}\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let payloads: Vec<Vec<u8>> = vec![
+        b"GARBAGE\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: \xff\xfe\r\n\r\n".to_vec(),
+        b"GET /users/%ff%00%fe/orders?q=%zz%00 HTTP/1.1\r\nHost: a\r\nX-K: \x80\x81\r\n\r\n"
+            .to_vec(),
+        b"GET /users/x/orders HTTP/1.1\r\nHost: a\r\nX-Cost: 99999999999999999999999\r\n\r\n"
+            .to_vec(),
+        b"GET /users/x/orders HTTP/1.1\r\nHost: a\r\nX-Cost: -5\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: ::::, 999.1.1.1, \xff\r\n\r\n".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: [::1\r\n\r\n".to_vec(),
+        b"GET http://evil.example/ HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc".to_vec(),
+        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+        long_header.into_bytes(),
+        vec![0u8; 4096],
+    ];
+    let proxy = gw.proxy;
+    tokio::task::spawn_blocking(move || {
+        for payload in payloads {
+            if let Ok(mut s) = TcpStream::connect(proxy) {
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+                let _ = s.write_all(&payload);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink);
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // Still serving, and the log has no panic.
+    let ok = client()
+        .get(gw.url("/users/7/orders?q=1"))
+        .header("x-k", "fine")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(
+        client()
+            .get(gw.admin_url("/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let log = gw.log();
+    assert!(!log.contains("panicked"), "{log}");
+}
