@@ -180,6 +180,8 @@ impl Gateway {
             }
             None => Command::new(bin()),
         };
+        // Its own process group, so that a wrapper (faketime) and the gateway die together.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command
             .arg("--config")
             .arg(&config_path)
@@ -255,10 +257,12 @@ impl Gateway {
         s
     }
 
+    /// Sends a signal to the gateway (its whole process group, wrapper included).
     pub fn signal(&self, sig: &str) {
         let status = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
+            .arg("--")
+            .arg(format!("-{}", self.child.id()))
             .status()
             .expect("kill");
         assert!(status.success());
@@ -281,6 +285,11 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        // The whole group: a wrapper such as faketime may have forked the gateway.
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
