@@ -5,7 +5,7 @@
 
 use crate::config::model::{Fallback, StoreKindConfig};
 use crate::keys;
-use crate::limiter::guarded::Via;
+use crate::limiter::guarded::Verdict;
 use crate::limiter::plan::{self, bucket_key, Decision};
 use crate::limiter::{ceil_secs, BucketRequest, Limit};
 use crate::state::Shared;
@@ -262,40 +262,24 @@ impl AdminApp {
                 None => (k, v),
             })
             .collect();
-        let mut plan =
-            plan::plan_from_sources(route, &given, req.cost, config.client_ip.ipv6_prefix);
-        let (decision, decided_by) = if plan.requests.is_empty() || !plan.missing_denied.is_empty()
-        {
-            (Decision::from_outcomes(plan, Vec::new()), "none")
-        } else {
-            let slot = self.shared.store();
-            let guarded = self
-                .shared
-                .decider
-                .decide(&slot, &config.breaker, &plan.requests)
-                .await;
-            match guarded.via {
-                Via::Store => (
-                    Decision::from_outcomes(plan, guarded.outcomes),
-                    slot.store.kind().label(),
-                ),
-                Via::LocalFallback => {
-                    plan.per_instance(config.breaker.fallback_instances);
-                    (
-                        Decision::from_outcomes(plan, guarded.outcomes),
-                        "local_fallback",
-                    )
-                }
-                Via::AllowFallback => (Decision::unlimited(), "allow_fallback"),
-                Via::DenyFallback { retry_after_ns } => (
-                    Decision {
-                        allowed: false,
-                        retry_after_ns,
-                        ..Decision::default()
-                    },
-                    "deny_fallback",
-                ),
-            }
+        let plan = plan::plan_from_sources(route, &given, req.cost, config.client_ip.ipv6_prefix);
+        let slot = self.shared.store();
+        let verdict = self
+            .shared
+            .decider
+            .decide_plan(&slot, &config.breaker, plan)
+            .await;
+        let (decision, decided_by) = match verdict {
+            Verdict::Decided { decision, by } => (decision, by),
+            Verdict::AllowFallback => (Decision::unlimited(), "allow_fallback"),
+            Verdict::DenyFallback { retry_after_ns } => (
+                Decision {
+                    allowed: false,
+                    retry_after_ns,
+                    ..Decision::default()
+                },
+                "deny_fallback",
+            ),
         };
         let limits: Vec<Value> = decision
             .statuses

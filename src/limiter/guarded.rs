@@ -5,6 +5,7 @@
 use super::breaker::{Admission, Breaker, BreakerState};
 use super::deny_cache::DenyCache;
 use super::memory::MemoryStore;
+use super::plan::{Decision, Plan};
 use super::{BucketOutcome, BucketRequest, Store, StoreError, StoreKind};
 use crate::config::model::{BreakerConfig, Fallback};
 use crate::metrics::Metrics;
@@ -19,6 +20,21 @@ pub enum Via {
     Store,
     /// The local fallback buckets (`fallback: local`), each at rate/N and burst/N.
     LocalFallback,
+    /// `fallback: allow`: admitted without a decision.
+    AllowFallback,
+    /// `fallback: deny`: refused (503) until this many nanoseconds pass.
+    DenyFallback { retry_after_ns: u64 },
+}
+
+/// What a planned request comes to.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Decided by a store or the local fallback; `by` is the store label (`none` when no bucket
+    /// was asked: no limit applied, or a missing key denied).
+    Decided {
+        decision: Decision,
+        by: &'static str,
+    },
     /// `fallback: allow`: admitted without a decision.
     AllowFallback,
     /// `fallback: deny`: refused (503) until this many nanoseconds pass.
@@ -88,6 +104,39 @@ impl Decider {
             .store_errors
             .with_label_values(&[e.kind_label()])
             .inc();
+    }
+
+    /// Decides a planned request: its buckets on the store in `slot` (or the fallback), and
+    /// the outcome as one verdict. Under the local fallback the plan's policies become each
+    /// instance's share, as the fallback enforced them.
+    pub async fn decide_plan(
+        &self,
+        slot: &StoreSlot,
+        breaker_cfg: &BreakerConfig,
+        mut plan: Plan,
+    ) -> Verdict {
+        if plan.requests.is_empty() || !plan.missing_denied.is_empty() {
+            return Verdict::Decided {
+                decision: Decision::from_outcomes(plan, Vec::new()),
+                by: "none",
+            };
+        }
+        let guarded = self.decide(slot, breaker_cfg, &plan.requests).await;
+        match guarded.via {
+            Via::Store => Verdict::Decided {
+                decision: Decision::from_outcomes(plan, guarded.outcomes),
+                by: slot.store.kind().label(),
+            },
+            Via::LocalFallback => {
+                plan.per_instance(breaker_cfg.fallback_instances);
+                Verdict::Decided {
+                    decision: Decision::from_outcomes(plan, guarded.outcomes),
+                    by: StoreKind::LocalFallback.label(),
+                }
+            }
+            Via::AllowFallback => Verdict::AllowFallback,
+            Via::DenyFallback { retry_after_ns } => Verdict::DenyFallback { retry_after_ns },
+        }
     }
 
     /// Decides `requests` on the store in `slot`, or on the fallback.

@@ -9,8 +9,9 @@ pub mod ctx;
 pub mod response;
 
 use crate::keys::{self, RequestView};
-use crate::limiter::guarded::Via;
+use crate::limiter::guarded::Verdict;
 use crate::limiter::plan::{self, Decision};
+use crate::limiter::StoreKind;
 use crate::metrics::{status_class, RouteStats, NO_ROUTE_LABEL};
 use crate::routes::normalize_host;
 use crate::routes::Route;
@@ -126,41 +127,35 @@ impl ProxyHttp for Gateway {
                 client_ip,
                 path_params: captures.as_ref(),
             };
-            let mut plan = plan::plan(&route, &view, config.client_ip.ipv6_prefix);
-            if plan.requests.is_empty() || !plan.missing_denied.is_empty() {
-                Decision::from_outcomes(plan, Vec::new())
-            } else {
-                let slot = self.shared.store();
-                let guarded = self
-                    .shared
-                    .decider
-                    .decide(&slot, &config.breaker, &plan.requests)
-                    .await;
-                match guarded.via {
-                    Via::Store => Decision::from_outcomes(plan, guarded.outcomes),
-                    Via::LocalFallback => {
-                        fallback = true;
-                        plan.per_instance(config.breaker.fallback_instances);
-                        Decision::from_outcomes(plan, guarded.outcomes)
-                    }
-                    Via::AllowFallback => {
-                        self.count(Some(&route), "fallback_allowed", ctx);
-                        ctx.route = Some(route);
-                        ctx.config = Some(config);
-                        return Ok(false);
-                    }
-                    Via::DenyFallback { retry_after_ns } => {
-                        self.count(Some(&route), "fallback_limited", ctx);
-                        let (mut resp, body) =
-                            response::problem(503, "Service Unavailable", "limiter_unavailable")?;
-                        resp.insert_header(
-                            "Retry-After",
-                            crate::limiter::ceil_secs(retry_after_ns).max(1).to_string(),
-                        )?;
-                        ctx.route = Some(route);
-                        ctx.config = Some(config);
-                        return send(session, resp, body).await;
-                    }
+            let plan = plan::plan(&route, &view, config.client_ip.ipv6_prefix);
+            let slot = self.shared.store();
+            match self
+                .shared
+                .decider
+                .decide_plan(&slot, &config.breaker, plan)
+                .await
+            {
+                Verdict::Decided { decision, by } => {
+                    fallback = by == StoreKind::LocalFallback.label();
+                    decision
+                }
+                Verdict::AllowFallback => {
+                    self.count(Some(&route), "fallback_allowed", ctx);
+                    ctx.route = Some(route);
+                    ctx.config = Some(config);
+                    return Ok(false);
+                }
+                Verdict::DenyFallback { retry_after_ns } => {
+                    self.count(Some(&route), "fallback_limited", ctx);
+                    let (mut resp, body) =
+                        response::problem(503, "Service Unavailable", "limiter_unavailable")?;
+                    resp.insert_header(
+                        "Retry-After",
+                        crate::limiter::ceil_secs(retry_after_ns).max(1).to_string(),
+                    )?;
+                    ctx.route = Some(route);
+                    ctx.config = Some(config);
+                    return send(session, resp, body).await;
                 }
             }
         };
