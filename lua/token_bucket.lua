@@ -5,10 +5,13 @@ buckets are decided together, atomically and all-or-nothing, in the order given.
 KEYS      every bucket key of every request, in order: {prefix}{route}:{limit}:{hash-tagged value}.
           In Redis Cluster all KEYS of one call share a slot.
 ARGV[1]   mode: "decide" (charge a request's buckets only if every one admits), "peek" (charge
-          nothing), or "refund" (give back `cost` tokens taken by an earlier "decide" whose
-          request another slot denied).
+          nothing), "refund" (give back `cost` tokens taken by an earlier "decide" whose
+          request another slot denied, or whose caller had given up), or "time" (only the clock).
 ARGV[2]   D, the number of requests in the batch; then for each request:
-            n        the number of its buckets, then for each bucket:
+            n        the number of its buckets
+            deadline Redis TIME in microseconds after which the request is not decided (its
+                     caller has given up and used the fallback): 0 for none
+            then for each bucket:
             interval_us  microseconds for one token to drip back (period / N of the rate)
             burst        bucket capacity in tokens
             cost         tokens this request takes
@@ -18,11 +21,12 @@ microseconds of Redis TIME) is when the bucket will be full again. A bucket whos
 burst changed starts full. Each write sets the key's TTL to the time it takes to refill, so idle
 buckets disappear. The clock is Redis TIME, read once per call, never the caller's.
 
-Returns integers. decide/peek: for each request in order
-            { all_allowed (1|0), then per bucket: allowed (1|0), remaining tokens,
+Returns integers: first Redis TIME as { seconds, microseconds }, then for decide/peek, for each
+          request in order
+            { status (1 all allowed, 0 denied, 2 deadline passed: nothing charged), then per bucket: allowed (1|0), remaining tokens,
               reset_us (until full), retry_us (until this cost fits; 0 when allowed),
               next_us (until the next whole token; 0 when full) }
-          refund: { 1 }
+          refund and time: nothing more.
 ]]
 
 local t = redis.call('TIME')
@@ -89,12 +93,13 @@ local function next_token(debt, interval)
   return partial
 end
 
-local out = {}
+local out = { tonumber(t[1]), tonumber(t[2]) }
 local arg = 3
 local key = 1
 for _ = 1, decisions do
   local n = tonumber(ARGV[arg])
-  arg = arg + 1
+  local deadline = tonumber(ARGV[arg + 1])
+  arg = arg + 2
   if mode == 'refund' then
     for i = 0, n - 1 do
       local interval = tonumber(ARGV[arg + 3 * i])
@@ -105,6 +110,11 @@ for _ = 1, decisions do
       if tat > now then
         store(k, math.max(tat - cost * interval, now), policy)
       end
+    end
+  elseif deadline > 0 and now > deadline then
+    out[#out + 1] = 2
+    for _ = 1, 5 * n do
+      out[#out + 1] = 0
     end
   else
     local head = #out + 1
@@ -159,7 +169,4 @@ for _ = 1, decisions do
   key = key + n
 end
 flush()
-if mode == 'refund' then
-  return { 1 }
-end
 return out

@@ -5,8 +5,9 @@
 
 use crate::config::model::{Fallback, StoreKindConfig};
 use crate::keys;
-use crate::limiter::guarded::Verdict;
+use crate::limiter::decider::Verdict;
 use crate::limiter::plan::{self, bucket_key, Decision};
+use crate::limiter::slot::Readiness;
 use crate::limiter::{ceil_secs, BucketRequest, Limit};
 use crate::state::Shared;
 use async_trait::async_trait;
@@ -81,8 +82,9 @@ impl AdminApp {
         AdminApp { shared }
     }
 
-    /// Ready when the config is loaded and the store answers, or when the breaker's fallback
-    /// (`local` or `allow`) keeps the gateway deciding without it.
+    /// Ready when the config is loaded and every connection a decision uses is open (or,
+    /// when it is not, the breaker's fallback `local`/`allow` keeps the gateway deciding:
+    /// "degraded"). While the store is still connecting at start-up: 503 "starting".
     fn ready(&self) -> Response<Vec<u8>> {
         let config = self.shared.config();
         let slot = self.shared.store();
@@ -90,25 +92,38 @@ impl AdminApp {
             StoreKindConfig::Memory => "memory",
             StoreKindConfig::Redis => "redis",
         };
+        let readiness = slot.readiness();
         let healthy = slot.healthy();
         let covered = matches!(config.breaker.fallback, Fallback::Local | Fallback::Allow);
-        let (status, state) = match (healthy, covered) {
-            (true, _) => (StatusCode::OK, "ready"),
-            (false, true) => (StatusCode::OK, "degraded"),
-            (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        let (status, state) = match (readiness, healthy, covered) {
+            (Readiness::Connecting, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+            (_, true, _) => (StatusCode::OK, "ready"),
+            (_, false, true) => (StatusCode::OK, "degraded"),
+            (_, false, false) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         };
         let mut body = json!({
             "status": state,
             "store": store,
             "store_healthy": healthy,
+            "store_connect": readiness.name(),
             "breaker": self.shared.decider.breaker_state().name(),
             "config_generation": self.shared.generation(),
         });
         if !healthy {
-            body["reason"] = Value::from(format!(
-                "store {store} is not answering; fallback: {:?}",
-                config.breaker.fallback
-            ));
+            body["reason"] = Value::from(match readiness {
+                Readiness::Connecting => format!(
+                    "store {store} is connecting (waits at most store.redis.startup_wait_ms = {} ms)",
+                    slot.config.redis.startup_wait.as_millis()
+                ),
+                Readiness::Degraded => format!(
+                    "store {store} did not connect on every deciding thread within the start-up wait; fallback: {:?}",
+                    config.breaker.fallback
+                ),
+                Readiness::Ready => format!(
+                    "store {store} is not answering; fallback: {:?}",
+                    config.breaker.fallback
+                ),
+            });
         }
         json_response(status, body)
     }
@@ -270,7 +285,7 @@ impl AdminApp {
             .decide_plan(&slot, &config.breaker, plan)
             .await;
         let (decision, decided_by) = match verdict {
-            Verdict::Decided { decision, by } => (decision, by),
+            Verdict::Decided { decision, by } => (decision, by.label()),
             Verdict::AllowFallback => (Decision::unlimited(), "allow_fallback"),
             Verdict::DenyFallback { retry_after_ns } => (
                 Decision {

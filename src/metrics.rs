@@ -7,7 +7,44 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-/// Decisions as the `decision` label of `tollgate_requests_total`.
+/// What became of a request, as the `decision` label of `tollgate_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestDecision {
+    Allowed,
+    Limited,
+    ShadowLimited,
+    NoRoute,
+    FallbackAllowed,
+    FallbackLimited,
+}
+
+impl RequestDecision {
+    pub const ALL: [RequestDecision; 6] = [
+        RequestDecision::Allowed,
+        RequestDecision::Limited,
+        RequestDecision::ShadowLimited,
+        RequestDecision::NoRoute,
+        RequestDecision::FallbackAllowed,
+        RequestDecision::FallbackLimited,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            RequestDecision::Allowed => "allowed",
+            RequestDecision::Limited => "limited",
+            RequestDecision::ShadowLimited => "shadow_limited",
+            RequestDecision::NoRoute => "no_route",
+            RequestDecision::FallbackAllowed => "fallback_allowed",
+            RequestDecision::FallbackLimited => "fallback_limited",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Every `decision` label, in [`RequestDecision::ALL`] order.
 pub const DECISIONS: [&str; 6] = [
     "allowed",
     "limited",
@@ -39,12 +76,9 @@ impl std::fmt::Debug for RouteStats {
 }
 
 impl RouteStats {
-    /// The counter of a decision label (one of [`DECISIONS`]).
-    pub fn decision(&self, label: &str) -> Option<&IntCounter> {
-        DECISIONS
-            .iter()
-            .position(|d| *d == label)
-            .and_then(|i| self.decisions.get(i))
+    /// The counter of a decision.
+    pub fn decision(&self, decision: RequestDecision) -> &IntCounter {
+        &self.decisions[decision.index()]
     }
 
     /// The counter of an upstream class (one of [`UPSTREAM_CLASSES`]).
@@ -74,7 +108,6 @@ pub struct Metrics {
     /// Resolved series used on every request.
     pub no_route: IntCounter,
     pub proxy_tasks: IntGauge,
-    decision_by_store: Vec<(&'static str, prometheus::Histogram)>,
 }
 
 fn fail(e: prometheus::Error) -> String {
@@ -194,10 +227,6 @@ impl Metrics {
         }
         let no_route = requests.with_label_values(&[NO_ROUTE_LABEL, "no_route"]);
         let proxy_tasks = runtime_tasks.with_label_values(&["proxy"]);
-        let decision_by_store = ["memory", "redis", "local_fallback"]
-            .into_iter()
-            .map(|s| (s, decision_duration.with_label_values(&[s])))
-            .collect();
         Ok(Metrics {
             registry,
             requests,
@@ -214,30 +243,26 @@ impl Metrics {
             deny_cache_hits,
             no_route,
             proxy_tasks,
-            decision_by_store,
         })
     }
 
-    /// The decision-duration histogram of a store label.
-    pub fn decision_duration_for(&self, store: &str) -> Option<&prometheus::Histogram> {
-        self.decision_by_store
-            .iter()
-            .find(|(s, _)| *s == store)
-            .map(|(_, h)| h)
+    /// The decision-duration histogram of a store label (a handle: resolve it once).
+    pub fn decision_duration(&self, store: &str) -> prometheus::Histogram {
+        self.decision_duration.with_label_values(&[store])
     }
 
     /// Resolves a route's series once.
     pub fn route_stats(&self, route: &str) -> RouteStats {
         RouteStats {
-            decisions: DECISIONS
+            decisions: RequestDecision::ALL
                 .iter()
                 .map(|d| {
-                    let label = if *d == "no_route" {
+                    let label = if *d == RequestDecision::NoRoute {
                         NO_ROUTE_LABEL
                     } else {
                         route
                     };
-                    self.requests.with_label_values(&[label, d])
+                    self.requests.with_label_values(&[label, d.label()])
                 })
                 .collect(),
             upstream: UPSTREAM_CLASSES

@@ -5,10 +5,11 @@
 use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::demo::DemoUpstream;
+use crate::limiter::slot::{DecisionThread, StoreSlot};
 use crate::limiter::StoreError;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::state::{ReloadTrigger, Shared, StoreSlot};
+use crate::state::{ReloadTrigger, Shared};
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
@@ -77,6 +78,11 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }
+    let proxy = WarmStart {
+        inner: proxy,
+        shared: shared.clone(),
+        threads,
+    };
     let mut admin = Service::new("tollgate admin".to_string(), AdminApp::new(shared.clone()));
     admin.add_tcp(&admin_listen.to_string());
     server.add_service(proxy);
@@ -100,6 +106,74 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
     });
     tracing::info!("tollgate stopped");
     Ok(())
+}
+
+/// The proxy service, started only once the store is ready to decide: it finds the proxy's
+/// worker threads, opens the store's connection on each (bounded by
+/// `store.redis.startup_wait_ms`), and only then opens the listeners. Until then `/ready`
+/// answers 503 "starting"; past the wait the proxy starts degraded and says so.
+struct WarmStart<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    threads: usize,
+}
+
+#[async_trait]
+impl<S: pingora::services::Service> pingora::services::Service for WarmStart<S> {
+    async fn start_service(
+        &mut self,
+        fds: Option<pingora::server::ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        let threads = discover_threads(self.threads).await;
+        if threads.len() < self.threads {
+            tracing::warn!(
+                found = threads.len(),
+                expected = self.threads,
+                "not every proxy thread answered; the others decide over the store's own connection"
+            );
+        }
+        self.shared.threads.set(threads);
+        let slot = self.shared.store();
+        // Logged by the slot either way; degraded start when it did not connect in time.
+        let _ = slot.connect(self.shared.threads.get()).await;
+        self.inner
+            .start_service(fds, shutdown, listeners_per_fd)
+            .await
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+}
+
+/// The worker threads of the runtime this runs on (Pingora's no-steal runtime: one
+/// current-thread runtime per thread), found by spawning probes on random workers until each
+/// answered.
+async fn discover_threads(expected: usize) -> Vec<DecisionThread> {
+    let mut found: Vec<DecisionThread> = Vec::with_capacity(expected);
+    for _ in 0..expected.max(1) * 64 {
+        if found.len() >= expected {
+            break;
+        }
+        let probe = pingora_runtime::current_handle().spawn(async {
+            (
+                std::thread::current().id(),
+                tokio::runtime::Handle::current(),
+            )
+        });
+        if let Ok((id, handle)) = probe.await {
+            if !found.iter().any(|(seen, _)| *seen == id) {
+                found.push((id, handle));
+            }
+        }
+    }
+    found
 }
 
 /// SIGTERM and SIGINT both stop gracefully (stop accepting, drain, exit 0).
@@ -169,7 +243,6 @@ struct Supervisor {
 impl BackgroundService for Supervisor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         use tokio::signal::unix::{signal, SignalKind};
-        self.shared.store().connect().await;
         let mut sample = tokio::time::interval(Duration::from_secs(1));
         let mut watcher = match &self.shared.config_path {
             Some(path) => match crate::config::watch::watch(path) {

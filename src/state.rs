@@ -2,15 +2,14 @@
 //! requests keep the generation they started with), the bucket store, the metrics, and the
 //! count of requests in flight that graceful shutdown waits for.
 
-use crate::config::model::{StoreConfig, StoreKindConfig};
 use crate::config::{self, Config, ConfigError};
 use crate::limiter::breaker::Breaker;
 use crate::limiter::clock::MonotonicClock;
+use crate::limiter::decider::Decider;
 use crate::limiter::deny_cache::DenyCache;
-use crate::limiter::guarded::Decider;
 use crate::limiter::memory::MemoryStore;
-use crate::limiter::redis::RedisStore;
-use crate::limiter::{Store, StoreError, StoreKind};
+use crate::limiter::slot::{DecisionThreads, StoreSlot};
+use crate::limiter::StoreKind;
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
 use std::path::PathBuf;
@@ -18,72 +17,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long a (re)connect to a new Redis is awaited before the store is swapped in anyway
-/// (it keeps reconnecting in the background; failed decisions go to the fallback meanwhile).
-pub const CONNECT_WAIT: Duration = Duration::from_secs(2);
-
 /// Most denials the deny cache remembers at once.
 pub const DENY_CACHE_CAPACITY: usize = 100_000;
-
-/// The store in use, and the config it was built from.
-pub struct StoreSlot {
-    pub store: Arc<dyn Store>,
-    /// Set when the store is the memory store (for its size gauge).
-    pub memory: Option<Arc<MemoryStore>>,
-    /// Set when the store is Redis (for connect, readiness, close).
-    pub redis: Option<Arc<RedisStore>>,
-    pub config: StoreConfig,
-}
-
-impl StoreSlot {
-    /// Builds the store a config asks for; a Redis store is not connected yet.
-    pub fn build(config: &StoreConfig) -> Result<StoreSlot, StoreError> {
-        match config.kind {
-            StoreKindConfig::Memory => {
-                let memory = Arc::new(MemoryStore::new(
-                    usize::try_from(config.max_buckets).unwrap_or(usize::MAX),
-                    Arc::new(MonotonicClock::new()),
-                ));
-                Ok(StoreSlot {
-                    store: memory.clone(),
-                    memory: Some(memory),
-                    redis: None,
-                    config: config.clone(),
-                })
-            }
-            StoreKindConfig::Redis => {
-                let redis = Arc::new(RedisStore::new(&config.redis)?);
-                Ok(StoreSlot {
-                    store: redis.clone(),
-                    memory: None,
-                    redis: Some(redis),
-                    config: config.clone(),
-                })
-            }
-        }
-    }
-
-    /// Connects a Redis store (no-op for memory), waiting at most [`CONNECT_WAIT`].
-    pub async fn connect(&self) {
-        if let Some(redis) = &self.redis {
-            match redis.connect(CONNECT_WAIT).await {
-                Ok(()) => {
-                    tracing::info!(urls = ?self.config.redis.urls, "connected to Redis, script loaded")
-                }
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    urls = ?self.config.redis.urls,
-                    "Redis not reachable yet; reconnecting in the background"
-                ),
-            }
-        }
-    }
-
-    /// Whether the store can answer now.
-    pub fn healthy(&self) -> bool {
-        self.redis.as_ref().is_none_or(|r| r.is_connected())
-    }
-}
 
 pub struct Shared {
     config: ArcSwap<Config>,
@@ -91,6 +26,8 @@ pub struct Shared {
     store: ArcSwap<StoreSlot>,
     /// The breaker and local fallback around the store.
     pub decider: Decider,
+    /// The proxy's worker threads (a Redis store opens a connection on each).
+    pub threads: DecisionThreads,
     pub metrics: Arc<Metrics>,
     in_flight: AtomicUsize,
     /// The file the config came from, for reloads (none for the embedded demo).
@@ -134,6 +71,7 @@ impl Shared {
             generation: AtomicU64::new(1),
             store: ArcSwap::from_pointee(store),
             decider,
+            threads: DecisionThreads::default(),
             metrics,
             in_flight: AtomicUsize::new(0),
             last_digest: std::sync::Mutex::new(
@@ -206,15 +144,29 @@ impl Shared {
         if config.store != self.store().config {
             match StoreSlot::build(&config.store) {
                 Ok(slot) => {
-                    slot.connect().await;
+                    // Every connection a decision will use is open before the swap; a store
+                    // that cannot connect within the start-up wait is not swapped in.
+                    if let Err(e) = slot.connect(self.threads.get()).await {
+                        slot.close().await;
+                        self.metrics
+                            .config_reloads
+                            .with_label_values(&["error"])
+                            .inc();
+                        tracing::error!(error = %e, "config reload rejected: the new store did not connect within store.redis.startup_wait_ms; previous config and store kept");
+                        return Err(ConfigError::Invalid {
+                            file: path.display().to_string(),
+                            problems: vec![config::Problem::at(
+                                "store",
+                                format!("the new store did not connect: {e}"),
+                            )],
+                        });
+                    }
                     let old = self.store.swap(Arc::new(slot));
                     tracing::info!("store replaced after a config change");
                     tokio::spawn(async move {
                         // Let decisions in flight on the old store finish.
                         tokio::time::sleep(Duration::from_secs(5)).await;
-                        if let Some(redis) = &old.redis {
-                            redis.close().await;
-                        }
+                        old.close().await;
                     });
                 }
                 Err(e) => {

@@ -12,6 +12,12 @@ use tollgate::limiter::{BucketRequest, Store};
 
 const MS: u64 = 1_000_000;
 
+/// The deadline of a decision (the gateway's default `timeout_ms` is 20; a test on a busy
+/// machine gets more, since these tests are about the script, not the deadline).
+fn soon() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_millis(500)
+}
+
 fn store_for(mode: RedisMode, urls: Vec<String>, batch_window: Duration) -> RedisStore {
     RedisStore::new(&RedisConfig {
         mode,
@@ -20,6 +26,7 @@ fn store_for(mode: RedisMode, urls: Vec<String>, batch_window: Duration) -> Redi
         timeout: Duration::from_millis(500),
         key_prefix: "t:".into(),
         batch_window,
+        startup_wait: Duration::from_secs(5),
     })
     .unwrap()
 }
@@ -34,8 +41,28 @@ async fn connected_with_window(
     batch_window: Duration,
 ) -> RedisStore {
     let store = store_for(mode, urls, batch_window);
-    store.connect(Duration::from_secs(5)).await.unwrap();
+    // The threads that decide get a lane each, as the proxy's workers do.
     store
+        .connect(&deciding_threads().await, Duration::from_secs(5))
+        .await
+        .unwrap();
+    store
+}
+
+/// This test's own thread and its runtime's workers (tasks spawned by a multi-thread test
+/// run on the workers; a current-thread test decides on its own thread).
+async fn deciding_threads() -> Vec<(std::thread::ThreadId, tokio::runtime::Handle)> {
+    let handle = tokio::runtime::Handle::current();
+    let mut found = vec![(std::thread::current().id(), handle.clone())];
+    for _ in 0..200 {
+        let id = tokio::spawn(async { std::thread::current().id() })
+            .await
+            .unwrap();
+        if !found.iter().any(|(t, _)| *t == id) {
+            found.push((id, handle.clone()));
+        }
+    }
+    found
 }
 
 fn bucket(key: &str, interval_ms: u64, burst: u64, cost: u64) -> BucketRequest {
@@ -56,13 +83,13 @@ async fn burst_cost_and_all_or_nothing() {
     assert_eq!((fresh.allowed, fresh.remaining), (true, 5));
     // Cost > 1 takes several tokens.
     let o = store
-        .decide(&[bucket("r:a:{k}", 60_000, 5, 3)])
+        .decide(&[bucket("r:a:{k}", 60_000, 5, 3)], soon())
         .await
         .unwrap();
     assert!(o[0].allowed);
     assert_eq!(o[0].remaining, 2);
     let o = store
-        .decide(&[bucket("r:a:{k}", 60_000, 5, 3)])
+        .decide(&[bucket("r:a:{k}", 60_000, 5, 3)], soon())
         .await
         .unwrap();
     assert!(!o[0].allowed, "3 tokens do not fit in 2");
@@ -70,14 +97,17 @@ async fn burst_cost_and_all_or_nothing() {
     assert!(o[0].retry_ns > 59_000 * MS && o[0].retry_ns <= 60_000 * MS);
     // All-or-nothing: b denies, so a is not charged.
     store
-        .decide(&[bucket("r:b:{k}", 60_000, 1, 1)])
+        .decide(&[bucket("r:b:{k}", 60_000, 1, 1)], soon())
         .await
         .unwrap();
     let o = store
-        .decide(&[
-            bucket("r:a:{k}", 60_000, 5, 1),
-            bucket("r:b:{k}", 60_000, 1, 1),
-        ])
+        .decide(
+            &[
+                bucket("r:a:{k}", 60_000, 5, 1),
+                bucket("r:b:{k}", 60_000, 1, 1),
+            ],
+            soon(),
+        )
         .await
         .unwrap();
     assert!(o[0].allowed && !o[1].allowed);
@@ -103,7 +133,10 @@ async fn refills_over_redis_time_and_sets_ttl_to_refill_time() {
     let redis = RedisProcess::standalone();
     let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
     // 50 ms per token, burst 4: empty it.
-    let o = store.decide(&[bucket("r:l:{t}", 50, 4, 4)]).await.unwrap();
+    let o = store
+        .decide(&[bucket("r:l:{t}", 50, 4, 4)], soon())
+        .await
+        .unwrap();
     assert!(o[0].allowed);
     assert_eq!(o[0].remaining, 0);
     let pttl: i64 = redis.cli(&["PTTL", "t:r:l:{t}"]).unwrap().parse().unwrap();
@@ -130,12 +163,12 @@ async fn noscript_after_script_flush_reloads_transparently() {
     let redis = RedisProcess::standalone();
     let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
     store
-        .decide(&[bucket("r:l:{n}", 60_000, 3, 1)])
+        .decide(&[bucket("r:l:{n}", 60_000, 3, 1)], soon())
         .await
         .unwrap();
     assert_eq!(redis.cli(&["SCRIPT", "FLUSH"]).as_deref(), Some("OK"));
     let o = store
-        .decide(&[bucket("r:l:{n}", 60_000, 3, 1)])
+        .decide(&[bucket("r:l:{n}", 60_000, 3, 1)], soon())
         .await
         .unwrap();
     assert!(o[0].allowed);
@@ -153,10 +186,10 @@ async fn cluster_gives_tokens_back_when_another_slot_denies() {
         fred::util::redis_keyslot(b"t:r:b:{beta}"),
         "the two buckets live in different slots"
     );
-    let first = store.decide(&[a.clone(), b.clone()]).await.unwrap();
+    let first = store.decide(&[a.clone(), b.clone()], soon()).await.unwrap();
     assert!(first.iter().all(|o| o.allowed));
     for _ in 0..3 {
-        let denied = store.decide(&[a.clone(), b.clone()]).await.unwrap();
+        let denied = store.decide(&[a.clone(), b.clone()], soon()).await.unwrap();
         assert!(denied[0].allowed && !denied[1].allowed);
     }
     let after = store.peek(&a).await.unwrap();
@@ -170,7 +203,12 @@ async fn cluster_gives_tokens_back_when_another_slot_denies() {
         let k = bucket(&format!("r:c:{{key-{i}}}"), 60_000, 3, 1);
         let mut admitted = 0;
         for _ in 0..5 {
-            if store.decide(std::slice::from_ref(&k)).await.unwrap()[0].allowed {
+            if store
+                .decide(std::slice::from_ref(&k), soon())
+                .await
+                .unwrap()[0]
+                .allowed
+            {
                 admitted += 1;
             }
         }
@@ -195,7 +233,7 @@ async fn concurrent_decisions_share_calls_and_stay_exact() {
                 // Two limits: one hot shared bucket (burst 50) and one per task.
                 let shared = bucket("r:hot:{all}", 60_000, 50, 1);
                 let own = bucket(&format!("r:own:{{{i}}}"), 60_000, 1, 1);
-                store.decide(&[shared, own]).await.unwrap()
+                store.decide(&[shared, own], soon()).await.unwrap()
             })
         })
         .collect();
@@ -248,7 +286,7 @@ async fn a_batch_window_gathers_decisions_that_arrive_apart() {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             store
-                .decide(&[bucket(&format!("r:w:{{{i}}}"), 60_000, 1, 1)])
+                .decide(&[bucket(&format!("r:w:{{{i}}}"), 60_000, 1, 1)], soon())
                 .await
                 .unwrap()
         }));

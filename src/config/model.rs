@@ -4,6 +4,9 @@
 use super::error::Problem;
 use super::raw::*;
 use crate::keys::{self, KeyPart, KeySpec};
+pub use crate::limiter::settings::{
+    BreakerConfig, Fallback, RedisConfig, RedisMode, StoreConfig, StoreKindConfig,
+};
 use crate::limiter::{Limit, OnMissingKey, Policy, Rate};
 use crate::routes::{HeaderFlags, HostMatch, PathMatch, Route, RouteMatch, Router};
 use crate::upstream::{Target, Upstream};
@@ -37,52 +40,6 @@ pub struct Config {
 pub struct AdminConfig {
     pub listen: SocketAddr,
     pub token: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreKindConfig {
-    Memory,
-    Redis,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedisMode {
-    Standalone,
-    Cluster,
-    Sentinel,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisConfig {
-    pub mode: RedisMode,
-    pub urls: Vec<String>,
-    pub service_name: Option<String>,
-    pub timeout: Duration,
-    pub key_prefix: String,
-    /// How long a batch waits for more decisions after its first (0: send at once).
-    pub batch_window: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreConfig {
-    pub kind: StoreKindConfig,
-    pub redis: RedisConfig,
-    pub max_buckets: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fallback {
-    Local,
-    Allow,
-    Deny,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BreakerConfig {
-    pub failure_threshold: u32,
-    pub open: Duration,
-    pub fallback: Fallback,
-    pub fallback_instances: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,6 +292,7 @@ fn build_store(check: &mut Check, raw: RawStore) -> StoreConfig {
             ),
         );
     }
+    let startup_wait = Duration::from_millis(raw_redis.startup_wait_ms.unwrap_or(5000));
     let max_buckets = raw
         .memory
         .and_then(|m| m.max_buckets)
@@ -354,6 +312,7 @@ fn build_store(check: &mut Check, raw: RawStore) -> StoreConfig {
             timeout,
             key_prefix,
             batch_window,
+            startup_wait,
         },
         max_buckets,
     }

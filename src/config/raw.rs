@@ -64,6 +64,7 @@ pub struct RawRedis {
     pub timeout_ms: Option<u64>,
     pub key_prefix: Option<String>,
     pub batch_window_us: Option<u64>,
+    pub startup_wait_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -4,7 +4,7 @@
 //! fallback. Each transition is logged once and exported as `tollgate_breaker_state`.
 
 use super::clock::Clock;
-use crate::config::model::BreakerConfig;
+use super::settings::BreakerConfig;
 use prometheus::IntGauge;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -222,8 +222,8 @@ impl Drop for Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::model::Fallback;
     use crate::limiter::clock::ManualClock;
+    use crate::limiter::settings::Fallback;
     use std::time::Duration;
 
     fn breaker(clock: Arc<ManualClock>) -> (Arc<Breaker>, IntGauge) {

@@ -123,7 +123,11 @@ impl Store for MemoryStore {
         self.kind
     }
 
-    async fn decide(&self, requests: &[BucketRequest]) -> Result<Vec<BucketOutcome>, StoreError> {
+    async fn decide(
+        &self,
+        requests: &[BucketRequest],
+        _deadline: tokio::time::Instant,
+    ) -> Result<Vec<BucketOutcome>, StoreError> {
         let shard_ids: Vec<usize> = requests.iter().map(|r| Self::shard_of(&r.key)).collect();
         let mut order: Vec<usize> = shard_ids.clone();
         order.sort_unstable();
@@ -192,6 +196,10 @@ mod tests {
         }
     }
 
+    fn far() -> tokio::time::Instant {
+        tokio::time::Instant::now() + std::time::Duration::from_secs(60)
+    }
+
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread()
             .build()
@@ -206,12 +214,12 @@ mod tests {
         block_on(async {
             // b has room for 1, a for 3: the second decision is denied by b and charges a nothing.
             let first = store
-                .decide(&[req("a", 3, 1), req("b", 1, 1)])
+                .decide(&[req("a", 3, 1), req("b", 1, 1)], far())
                 .await
                 .expect("decide");
             assert!(first.iter().all(|o| o.allowed));
             let second = store
-                .decide(&[req("a", 3, 1), req("b", 1, 1)])
+                .decide(&[req("a", 3, 1), req("b", 1, 1)], far())
                 .await
                 .expect("decide");
             assert!(second[0].allowed && !second[1].allowed);
@@ -225,7 +233,10 @@ mod tests {
         let clock = Arc::new(ManualClock::new(1_000_000_000));
         let store = MemoryStore::new(1000, clock);
         block_on(async {
-            store.decide(&[req("k", 2, 2)]).await.expect("decide");
+            store
+                .decide(&[req("k", 2, 2)], far())
+                .await
+                .expect("decide");
             assert_eq!(
                 store.peek(&req("k", 2, 0)).await.expect("peek").remaining,
                 0
@@ -249,7 +260,7 @@ mod tests {
         block_on(async {
             for i in 0..100_000u32 {
                 store
-                    .decide(&[req(&format!("flood:{i}"), 10, 1)])
+                    .decide(&[req(&format!("flood:{i}"), 10, 1)], far())
                     .await
                     .expect("decide");
                 if i % 1000 == 0 {
@@ -274,7 +285,7 @@ mod tests {
         block_on(async {
             for i in 0..(SHARDS * 4) {
                 store
-                    .decide(&[req(&format!("old:{i}"), 10, 1)])
+                    .decide(&[req(&format!("old:{i}"), 10, 1)], far())
                     .await
                     .expect("decide");
             }
@@ -283,7 +294,7 @@ mod tests {
             let before = store.evictions();
             for i in 0..16 {
                 store
-                    .decide(&[req(&format!("new:{i}"), 10, 1)])
+                    .decide(&[req(&format!("new:{i}"), 10, 1)], far())
                     .await
                     .expect("decide");
             }

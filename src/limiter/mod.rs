@@ -2,17 +2,22 @@
 //! buckets atomically, and the planning step that turns a matched route and a request into
 //! bucket requests and then into a [`Decision`].
 //!
-//! Parts: [`gcra`] (the token-bucket arithmetic, shared by every store), [`memory`] (the sharded,
-//! bounded in-process store), [`clock`] (injected time), [`plan`] (route + request → decision).
+//! Parts: [`settings`] (store, Redis and breaker settings), [`slot`] (the store in use, its
+//! connections and readiness), [`decider`] (deny cache, breaker, one deadline, fallback → one
+//! typed verdict), [`gcra`] (the token-bucket arithmetic, shared by every store), [`memory`]
+//! (the sharded, bounded in-process store), [`redis`] (the Redis store, its lanes and script),
+//! [`breaker`], [`deny_cache`], [`clock`] (injected time), [`plan`] (route + request → decision).
 
 pub mod breaker;
 pub mod clock;
+pub mod decider;
 pub mod deny_cache;
 pub mod gcra;
-pub mod guarded;
 pub mod memory;
 pub mod plan;
 pub mod redis;
+pub mod settings;
+pub mod slot;
 
 use crate::keys::KeySpec;
 use async_trait::async_trait;
@@ -201,7 +206,12 @@ impl StoreError {
 #[async_trait]
 pub trait Store: Send + Sync {
     fn kind(&self) -> StoreKind;
-    async fn decide(&self, requests: &[BucketRequest]) -> Result<Vec<BucketOutcome>, StoreError>;
+    /// Decides every bucket of one request, answering by `deadline` (past it: `Timeout`).
+    async fn decide(
+        &self,
+        requests: &[BucketRequest],
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<BucketOutcome>, StoreError>;
     /// The bucket's state without charging it.
     async fn peek(&self, request: &BucketRequest) -> Result<BucketOutcome, StoreError>;
     /// Forgets the bucket: it is full again.

@@ -2,9 +2,23 @@
 //! `lua/token_bucket.lua` (loaded from the file at build time, `SCRIPT LOAD`ed at connect,
 //! reloaded once on `NOSCRIPT`), with Redis `TIME` as the clock. Standalone, Cluster (buckets
 //! grouped by hash slot, tokens given back when another slot denies) and Sentinel, through fred.
+//!
+//! Connections: the store's own (script load, peek, reset, and decisions asked from threads
+//! that are not proxy workers) and one *lane* per proxy worker thread: a connection and a
+//! batcher spawned on that thread's runtime by [`RedisStore::connect`], before the proxy takes
+//! traffic, so a decision never leaves its thread and never waits for a connection to open.
+//! A lane sends everything queued on it in one call (in a Cluster, one call per hash slot).
+//!
+//! Deadlines: a decision carries one deadline (now + `timeout_ms`, set by the decider). The
+//! lane sends it to the script in Redis's clock (estimated from the `TIME` each reply carries),
+//! and the script skips a request whose deadline has passed, so a decision the gateway already
+//! gave to the fallback is not charged later. A reply that still charged a request whose caller
+//! had given up (it came back after the deadline) is refunded at once: a request is charged at
+//! most once.
 
+use super::settings::{RedisConfig, RedisMode};
+use super::slot::DecisionThread;
 use super::{BucketOutcome, BucketRequest, Store, StoreError, StoreKind};
-use crate::config::model::{RedisConfig, RedisMode};
 use async_trait::async_trait;
 use fred::clients::Client;
 use fred::interfaces::{ClientLike, KeysInterface};
@@ -12,18 +26,26 @@ use fred::types::config::{Config, ReconnectPolicy, Server, ServerConfig};
 use fred::types::scripts::Script;
 use fred::types::Builder;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::ThreadId;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
 
 /// The token-bucket script, from `lua/token_bucket.lua`.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("../../lua/token_bucket.lua");
 
 /// Most requests decided by one script call.
 pub const MAX_BATCH: usize = 64;
-/// Most batch calls in flight at once (per store).
+/// Most batch calls in flight at once (per lane).
 pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
+/// Decisions a lane queues at most; past it a decision goes to the fallback.
+const LANE_QUEUE: usize = 64 * 1024;
+/// How long fred waits for any one reply. Not the decision deadline (that is `timeout_ms`,
+/// enforced where a decision waits): it bounds how long a lane keeps a late reply in view to
+/// refund a charge that nobody waited for.
+pub const REPLY_LIMIT: Duration = Duration::from_secs(2);
 
 /// What one script call needs; cheap to clone (fred's client is a handle).
 #[derive(Clone)]
@@ -31,39 +53,126 @@ struct Caller {
     client: Client,
     script: Script,
     prefix: String,
-    timeout: Duration,
     /// How long a batch waits for more decisions after its first.
     batch_window: Duration,
+    clustered: bool,
+    clock: Arc<RedisClock>,
+    /// Requests refunded because their caller had given up before a late reply charged them.
+    refunded: Arc<AtomicU64>,
 }
 
-/// A request waiting for the batcher.
+/// A request waiting for its decision.
 struct Pending {
     requests: Vec<BucketRequest>,
+    deadline: Instant,
     reply: oneshot::Sender<Result<Vec<BucketOutcome>, StoreError>>,
 }
 
-/// One thread's decision queue; its batcher and connection run on that thread's runtime.
-struct LocalConn {
+/// One proxy thread's connection and batcher (both run on that thread's runtime).
+struct Lane {
+    thread: ThreadId,
     tx: mpsc::Sender<Pending>,
+    client: Client,
 }
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
-    /// This thread's decision queues, by store id. Weak: the store owns them.
-    static LOCAL_CONNS: RefCell<Vec<(u64, Weak<LocalConn>)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's lanes, by store id. Weak: the store owns them.
+    static LOCAL_LANES: RefCell<Vec<(u64, Weak<Lane>)>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Redis's clock as seen from here: the offset from this process's monotonic clock to Redis
+/// `TIME`, in microseconds. Each reply is a sample taken after Redis read its clock, so no
+/// sample is ahead of the true offset and the largest recent one is the closest. Samples are
+/// kept for the last two one-second windows, so a Redis clock that steps back (a failover to a
+/// server with another clock) is followed within 2 s.
+struct RedisClock {
+    base: std::time::Instant,
+    /// Which one-second window (since `base`) `current` belongs to.
+    window: AtomicU64,
+    current: AtomicI64,
+    previous: AtomicI64,
+}
+
+const NO_SAMPLE: i64 = i64::MIN;
+
+impl RedisClock {
+    fn new() -> Self {
+        RedisClock {
+            base: std::time::Instant::now(),
+            window: AtomicU64::new(0),
+            current: AtomicI64::new(NO_SAMPLE),
+            previous: AtomicI64::new(NO_SAMPLE),
+        }
+    }
+
+    fn mono_us(&self, at: std::time::Instant) -> i64 {
+        i64::try_from(at.saturating_duration_since(self.base).as_micros()).unwrap_or(i64::MAX)
+    }
+
+    /// Records that Redis's clock read `redis_us` no later than now.
+    fn observe(&self, redis_us: i64) {
+        let now = std::time::Instant::now();
+        let sample = redis_us.saturating_sub(self.mono_us(now));
+        let window = now.saturating_duration_since(self.base).as_secs();
+        let seen = self.window.load(Ordering::Acquire);
+        if window != seen
+            && self
+                .window
+                .compare_exchange(seen, window, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            let last = if window == seen + 1 {
+                self.current.load(Ordering::Acquire)
+            } else {
+                NO_SAMPLE
+            };
+            self.previous.store(last, Ordering::Release);
+            self.current.store(sample, Ordering::Release);
+            return;
+        }
+        self.current.fetch_max(sample, Ordering::AcqRel);
+    }
+
+    /// `at` in Redis's clock (microseconds), or 0 (no deadline) before the first sample.
+    fn to_redis_us(&self, at: Instant) -> i64 {
+        let offset = self
+            .current
+            .load(Ordering::Acquire)
+            .max(self.previous.load(Ordering::Acquire));
+        if offset == NO_SAMPLE {
+            return 0;
+        }
+        self.mono_us(at.into_std()).saturating_add(offset).max(1)
+    }
+}
+
+/// How a script call ended for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Every bucket admitted; charged (in `decide` mode).
+    Admitted,
+    /// Some bucket denied; nothing charged.
+    Denied,
+    /// The deadline had passed when the script ran: nothing charged, nothing decided.
+    Expired,
+}
+
+/// One request's part of a reply.
+type Answer = (Status, Vec<BucketOutcome>);
+
 pub struct RedisStore {
-    /// The store's own connection: connect, readiness, script load, peek, reset, Cluster.
+    /// The store's own connection.
     caller: Caller,
-    clustered: bool,
     id: u64,
-    /// Set by `connect`: from then on each thread that decides gets its own connection.
-    started: AtomicBool,
-    /// The per-thread queues, owned here so that they (and their connections) end with the
-    /// store.
-    locals: Mutex<Vec<Arc<LocalConn>>>,
+    /// One lane per proxy thread, opened by [`RedisStore::connect`]; owned here so that they
+    /// (and their connections) end with the store.
+    lanes: Mutex<Vec<Arc<Lane>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn fred_error(e: fred::error::Error) -> StoreError {
@@ -125,10 +234,9 @@ impl RedisStore {
                 service_name: cfg.service_name.clone().unwrap_or_default(),
             },
         };
-        let timeout = cfg.timeout;
         let client = Builder::from_config(config)
             .with_performance_config(|p| {
-                p.default_command_timeout = timeout;
+                p.default_command_timeout = REPLY_LIMIT;
             })
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_millis(500);
@@ -145,99 +253,151 @@ impl RedisStore {
                 client,
                 script: Script::from_lua(TOKEN_BUCKET_LUA),
                 prefix: cfg.key_prefix.clone(),
-                timeout,
                 batch_window: cfg.batch_window,
+                clustered: cfg.mode == RedisMode::Cluster,
+                clock: Arc::new(RedisClock::new()),
+                refunded: Arc::new(AtomicU64::new(0)),
             },
-            clustered: cfg.mode == RedisMode::Cluster,
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
-            started: AtomicBool::new(false),
-            locals: Mutex::new(Vec::new()),
+            lanes: Mutex::new(Vec::new()),
         })
     }
 
-    /// Starts the connection task on the current runtime (which must outlive the store) and,
-    /// once connected, loads the script. Returns once connected, or with the error that stopped
-    /// the first attempt; reconnection goes on in the background either way.
-    pub async fn connect(&self, wait: Duration) -> Result<(), StoreError> {
+    /// Opens the store's own connection and one lane on each of `threads` (its connection
+    /// task and batcher spawned on that thread's runtime), loads the script and reads Redis's
+    /// clock. Returns once all of that is done, or with what stopped it within `wait`; the
+    /// connections keep (re)connecting in the background either way. Call once per store.
+    pub async fn connect(
+        &self,
+        threads: &[DecisionThread],
+        wait: Duration,
+    ) -> Result<(), StoreError> {
+        let deadline = Instant::now() + wait;
         let client = &self.caller.client;
         let _task = client.connect();
-        self.started.store(true, Ordering::Release);
-        match tokio::time::timeout(wait, client.wait_for_connect()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(fred_error(e)),
-            Err(_) => return Err(StoreError::Timeout),
+        let mut joins = Vec::with_capacity(threads.len());
+        {
+            let mut lanes = lock(&self.lanes);
+            for (thread, handle) in threads {
+                let lane_client = client.clone_new();
+                let caller = Caller {
+                    client: lane_client.clone(),
+                    ..self.caller.clone()
+                };
+                let (tx, rx) = mpsc::channel(LANE_QUEUE);
+                let connecting = lane_client.clone();
+                joins.push(handle.spawn(async move {
+                    // Spawns the connection task on this runtime (the lane's thread).
+                    let _task = connecting.connect();
+                    connecting.wait_for_connect().await.map_err(fred_error)
+                }));
+                handle.spawn(run_batcher(caller, rx));
+                lanes.push(Arc::new(Lane {
+                    thread: *thread,
+                    tx,
+                    client: lane_client,
+                }));
+            }
         }
-        self.caller.script.load(client).await.map_err(fred_error)
+        within(deadline, async {
+            client.wait_for_connect().await.map_err(fred_error)
+        })
+        .await?;
+        within(deadline, async {
+            self.caller.script.load(client).await.map_err(fred_error)
+        })
+        .await?;
+        for join in joins {
+            within(deadline, async {
+                join.await
+                    .map_err(|e| StoreError::Connection(format!("lane did not start: {e}")))?
+            })
+            .await?;
+        }
+        // Redis's clock, for the deadlines sent with every decision.
+        within(deadline, self.caller.time()).await
     }
 
-    /// This thread's decision queue, created on first use: a connection of its own and a
-    /// batcher, both spawned on the current runtime, so a decision never leaves the thread
-    /// that serves the request (Pingora runs one runtime per thread). `None` for a Cluster
-    /// (decided per slot, unbatched) or before `connect`.
-    fn local_queue(&self) -> Option<mpsc::Sender<Pending>> {
-        if self.clustered || !self.started.load(Ordering::Acquire) {
-            return None;
-        }
-        let found = LOCAL_CONNS.with(|conns| {
-            conns
+    /// This thread's lane, if it has one.
+    fn lane(&self) -> Option<mpsc::Sender<Pending>> {
+        let cached = LOCAL_LANES.with(|lanes| {
+            lanes
                 .borrow()
                 .iter()
                 .find(|(id, _)| *id == self.id)
                 .and_then(|(_, weak)| weak.upgrade())
-                .map(|conn| conn.tx.clone())
+                .map(|lane| lane.tx.clone())
         });
-        if found.is_some() {
-            return found;
+        if cached.is_some() {
+            return cached;
         }
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let caller = Caller {
-            client: self.caller.client.clone_new(),
-            ..self.caller.clone()
-        };
-        // Spawns the connection task on the current runtime (this thread's).
-        let _connection = caller.client.connect();
-        let (tx, rx) = mpsc::channel(64 * 1024);
-        runtime.spawn(run_batcher(caller, rx));
-        let conn = Arc::new(LocalConn { tx: tx.clone() });
-        self.locals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(conn.clone());
-        LOCAL_CONNS.with(|conns| {
-            let mut conns = conns.borrow_mut();
-            conns.retain(|(_, weak)| weak.strong_count() > 0);
-            conns.push((self.id, Arc::downgrade(&conn)));
+        let me = std::thread::current().id();
+        let lane = lock(&self.lanes).iter().find(|l| l.thread == me).cloned()?;
+        let tx = lane.tx.clone();
+        LOCAL_LANES.with(|lanes| {
+            let mut lanes = lanes.borrow_mut();
+            lanes.retain(|(_, weak)| weak.strong_count() > 0);
+            lanes.push((self.id, Arc::downgrade(&lane)));
         });
         Some(tx)
     }
 
-    /// Closes the connections (the per-thread ones end when their queues are dropped).
+    /// Closes the connections (a lane's ends when its queue is dropped).
     pub async fn close(&self) {
-        self.locals
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        lock(&self.lanes).clear();
         let _ = self.caller.client.quit().await;
     }
 
+    /// Whether the store's own connection and every lane are connected.
     pub fn is_connected(&self) -> bool {
         self.caller.client.is_connected()
+            && lock(&self.lanes).iter().all(|l| l.client.is_connected())
     }
 
-    /// Decides one slot's buckets directly; returns whether all admitted, and their outcomes.
-    async fn decide_group(
-        &self,
-        requests: &[&BucketRequest],
-    ) -> Result<(bool, Vec<BucketOutcome>), StoreError> {
-        let reply = self.caller.call("decide", &[requests]).await?;
-        parse_reply(&reply, &[requests.len()])?
-            .pop()
-            .ok_or_else(|| StoreError::Script("empty reply".into()))
+    /// Lanes opened (one per proxy thread once connected).
+    pub fn lanes(&self) -> usize {
+        lock(&self.lanes).len()
+    }
+
+    /// Requests refunded since start because a reply charged them after their caller had
+    /// given up (the deadline passed in transit).
+    pub fn late_refunds(&self) -> u64 {
+        self.caller.refunded.load(Ordering::Relaxed)
     }
 }
 
-/// Groups the decisions queued on one thread into script calls until the queue is dropped,
-/// then closes its connection.
+/// `fut`, unless `deadline` passes first.
+async fn within<T>(
+    deadline: Instant,
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout_at(deadline, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Timeout),
+    }
+}
+
+/// Waits for a decision until its deadline. At the deadline the channel is closed first, so
+/// that a reply either made it (and is used) or is refused and the lane refunds its charge.
+async fn await_reply(
+    mut answer: oneshot::Receiver<Result<Vec<BucketOutcome>, StoreError>>,
+    deadline: Instant,
+) -> Result<Vec<BucketOutcome>, StoreError> {
+    match tokio::time::timeout_at(deadline, &mut answer).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(StoreError::Connection("the lane stopped".into())),
+        Err(_) => {
+            answer.close();
+            match answer.try_recv() {
+                Ok(result) => result,
+                Err(_) => Err(StoreError::Timeout),
+            }
+        }
+    }
+}
+
+/// Groups the decisions queued on one lane into script calls until the queue is dropped,
+/// then closes the lane's connection.
 async fn run_batcher(caller: Caller, mut rx: mpsc::Receiver<Pending>) {
     let permits = Arc::new(Semaphore::new(MAX_BATCHES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
@@ -255,7 +415,7 @@ async fn run_batcher(caller: Caller, mut rx: mpsc::Receiver<Pending>) {
         }
         // With a window, wait a little longer for more (trading latency for fewer calls).
         if !caller.batch_window.is_zero() {
-            let deadline = tokio::time::Instant::now() + caller.batch_window;
+            let deadline = Instant::now() + caller.batch_window;
             while batch.len() < MAX_BATCH {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(p)) => batch.push(p),
@@ -272,6 +432,25 @@ async fn run_batcher(caller: Caller, mut rx: mpsc::Receiver<Pending>) {
     let _ = caller.client.quit().await;
 }
 
+/// Buckets of one request, by index, grouped by hash slot.
+fn by_slot(caller: &Caller, requests: &[BucketRequest]) -> Vec<(u16, Vec<usize>)> {
+    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+    for (i, r) in requests.iter().enumerate() {
+        let slot = fred::util::redis_keyslot(caller.full_key(&r.key).as_bytes());
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((slot, vec![i])),
+        }
+    }
+    groups
+}
+
+/// A request (by index in the batch) and the indexes of its buckets in one slot.
+type SlotPiece = (usize, Vec<usize>);
+
+/// One request's buckets as the script sees them, with its deadline in Redis's clock.
+type Piece<'a> = (Vec<&'a BucketRequest>, i64);
+
 impl Caller {
     fn full_key(&self, key: &str) -> String {
         let mut k = String::with_capacity(self.prefix.len() + key.len());
@@ -280,16 +459,18 @@ impl Caller {
         k
     }
 
-    /// One script call over a batch of requests' buckets (all in one slot), bounded by the
-    /// timeout.
-    async fn call(&self, mode: &str, batch: &[&[&BucketRequest]]) -> Result<Vec<i64>, StoreError> {
-        let buckets: usize = batch.iter().map(|r| r.len()).sum();
+    /// One script call over pieces (in a Cluster all in one slot). No timeout of its own
+    /// beyond fred's [`REPLY_LIMIT`]: the caller's deadline travels in the pieces.
+    async fn call(&self, mode: &str, pieces: &[Piece<'_>]) -> Result<Vec<i64>, StoreError> {
+        let buckets: usize = pieces.iter().map(|(r, _)| r.len()).sum();
         let mut keys: Vec<String> = Vec::with_capacity(buckets);
-        let mut args: Vec<fred::types::Value> = Vec::with_capacity(2 + batch.len() + 3 * buckets);
+        let mut args: Vec<fred::types::Value> =
+            Vec::with_capacity(2 + 2 * pieces.len() + 3 * buckets);
         args.push(mode.into());
-        args.push((batch.len() as i64).into());
-        for requests in batch {
+        args.push((pieces.len() as i64).into());
+        for (requests, deadline_us) in pieces {
             args.push((requests.len() as i64).into());
+            args.push((*deadline_us).into());
             for r in requests.iter() {
                 keys.push(self.full_key(&r.key));
                 args.push(int(r.interval_ns / 1000).max(1).into());
@@ -297,35 +478,198 @@ impl Caller {
                 args.push(int(r.cost).into());
             }
         }
-        let call = self
-            .script
-            .evalsha_with_reload::<Vec<i64>, _, _>(&self.client, keys, args);
-        match tokio::time::timeout(self.timeout, call).await {
-            Ok(result) => result.map_err(fred_error),
-            Err(_) => Err(StoreError::Timeout),
+        self.script
+            .evalsha_with_reload::<Vec<i64>, _, _>(&self.client, keys, args)
+            .await
+            .map_err(fred_error)
+    }
+
+    /// Reads Redis's clock (one script call in `time` mode).
+    async fn time(&self) -> Result<(), StoreError> {
+        let reply = self.call("time", &[]).await?;
+        parse_reply(&reply, &[]).map(|(now_us, _)| self.clock.observe(now_us))
+    }
+
+    /// Decides pieces in one call; one answer per piece.
+    async fn decide_pieces(&self, pieces: &[Piece<'_>]) -> Result<Vec<Answer>, StoreError> {
+        let sizes: Vec<usize> = pieces.iter().map(|(r, _)| r.len()).collect();
+        let reply = self.call("decide", pieces).await?;
+        let (now_us, answers) = parse_reply(&reply, &sizes)?;
+        self.clock.observe(now_us);
+        Ok(answers)
+    }
+
+    /// Decides a batch and answers each waiting request; refunds what a late reply charged
+    /// for requests whose callers had already given up.
+    async fn run_batch(&self, batch: Vec<Pending>) {
+        let now = Instant::now();
+        let mut live = Vec::with_capacity(batch.len());
+        for p in batch {
+            if p.reply.is_closed() || p.deadline <= now {
+                // Its caller has given up (or is about to): it went to the fallback.
+                let _ = p.reply.send(Err(StoreError::Timeout));
+            } else {
+                live.push(p);
+            }
+        }
+        if live.is_empty() {
+            return;
+        }
+        let answers = if self.clustered {
+            self.decide_by_slot(&live).await
+        } else {
+            let pieces: Vec<Piece<'_>> = live
+                .iter()
+                .map(|p| {
+                    (
+                        p.requests.iter().collect(),
+                        self.clock.to_redis_us(p.deadline),
+                    )
+                })
+                .collect();
+            match self.decide_pieces(&pieces).await {
+                Ok(answers) => answers.into_iter().map(Ok).collect(),
+                Err(e) => vec![Err(e); live.len()],
+            }
+        };
+        let mut late: Vec<BucketRequest> = Vec::new();
+        for (p, answer) in live.into_iter().zip(answers) {
+            let charged = matches!(answer, Ok((Status::Admitted, _)))
+                && p.requests.iter().any(|r| r.cost > 0);
+            let result = match answer {
+                Ok((Status::Expired, _)) => Err(StoreError::Timeout),
+                Ok((_, outcomes)) => Ok(outcomes),
+                Err(e) => Err(e),
+            };
+            if let Err(Ok(_)) = p.reply.send(result) {
+                if charged {
+                    late.extend(p.requests);
+                    self.refunded.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        if !late.is_empty() {
+            tracing::debug!(
+                buckets = late.len(),
+                "refunding decisions whose reply came after their deadline"
+            );
+            self.refund(&late).await;
         }
     }
 
-    /// Decides a batch in one call and answers each waiting request.
-    async fn run_batch(&self, batch: Vec<Pending>) {
-        let groups: Vec<Vec<&BucketRequest>> =
-            batch.iter().map(|p| p.requests.iter().collect()).collect();
-        let slices: Vec<&[&BucketRequest]> = groups.iter().map(Vec::as_slice).collect();
-        let sizes: Vec<usize> = groups.iter().map(Vec::len).collect();
-        let result = self
-            .call("decide", &slices)
-            .await
-            .and_then(|reply| parse_reply(&reply, &sizes));
-        match result {
-            Ok(decided) => {
-                for (pending, (_, outcomes)) in batch.into_iter().zip(decided) {
-                    let _ = pending.reply.send(Ok(outcomes));
+    /// Cluster: every request's buckets grouped by slot, one call per slot for the whole batch
+    /// (concurrently). A request admitted by some slots and denied (or failed) by another gets
+    /// the admitting slots' tokens back.
+    async fn decide_by_slot(&self, live: &[Pending]) -> Vec<Result<Answer, StoreError>> {
+        // Per slot: the (request, bucket indexes) pieces that live there.
+        let mut slots: Vec<(u16, Vec<SlotPiece>)> = Vec::new();
+        for (pi, p) in live.iter().enumerate() {
+            for (slot, members) in by_slot(self, &p.requests) {
+                match slots.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, pieces)) => pieces.push((pi, members)),
+                    None => slots.push((slot, vec![(pi, members)])),
                 }
             }
-            Err(e) => {
-                for pending in batch {
-                    let _ = pending.reply.send(Err(e.clone()));
+        }
+        let calls = slots.iter().map(|(_, pieces)| {
+            let pieces: Vec<Piece<'_>> = pieces
+                .iter()
+                .map(|(pi, members)| {
+                    let p = &live[*pi];
+                    (
+                        members.iter().map(|&i| &p.requests[i]).collect(),
+                        self.clock.to_redis_us(p.deadline),
+                    )
+                })
+                .collect();
+            async move { self.decide_pieces(&pieces).await }
+        });
+        let results = futures::future::join_all(calls).await;
+
+        struct Tally {
+            outcomes: Vec<BucketOutcome>,
+            denied: bool,
+            expired: bool,
+            error: Option<StoreError>,
+            admitted: Vec<usize>,
+        }
+        let mut tallies: Vec<Tally> = live
+            .iter()
+            .map(|p| Tally {
+                outcomes: vec![BucketOutcome::default(); p.requests.len()],
+                denied: false,
+                expired: false,
+                error: None,
+                admitted: Vec::new(),
+            })
+            .collect();
+        for ((_, pieces), result) in slots.iter().zip(results) {
+            match result {
+                Ok(answers) => {
+                    for ((pi, members), (status, outcomes)) in pieces.iter().zip(answers) {
+                        let t = &mut tallies[*pi];
+                        for (&i, o) in members.iter().zip(outcomes) {
+                            t.outcomes[i] = o;
+                        }
+                        match status {
+                            Status::Admitted => t.admitted.extend(members.iter().copied()),
+                            Status::Denied => t.denied = true,
+                            Status::Expired => t.expired = true,
+                        }
+                    }
                 }
+                Err(e) => {
+                    for (pi, _) in pieces {
+                        tallies[*pi].error.get_or_insert_with(|| e.clone());
+                    }
+                }
+            }
+        }
+        let mut refunds: Vec<BucketRequest> = Vec::new();
+        let mut answers = Vec::with_capacity(live.len());
+        for (p, mut t) in live.iter().zip(tallies) {
+            let whole = !t.denied && !t.expired && t.error.is_none();
+            if whole {
+                answers.push(Ok((Status::Admitted, t.outcomes)));
+                continue;
+            }
+            // Give back what the admitting slots took, so the request charges nothing.
+            for &i in &t.admitted {
+                let r = &p.requests[i];
+                if r.cost > 0 {
+                    refunds.push(r.clone());
+                }
+                let o = &mut t.outcomes[i];
+                o.remaining = (o.remaining + r.cost).min(r.burst);
+            }
+            answers.push(if t.denied {
+                Ok((Status::Denied, t.outcomes))
+            } else if let Some(e) = t.error {
+                Err(e)
+            } else {
+                Ok((Status::Expired, t.outcomes))
+            });
+        }
+        if !refunds.is_empty() {
+            self.refund(&refunds).await;
+        }
+        answers
+    }
+
+    /// Gives back `cost` tokens to each bucket (one call, or one per slot in a Cluster).
+    async fn refund(&self, buckets: &[BucketRequest]) {
+        let groups: Vec<Vec<usize>> = if self.clustered {
+            by_slot(self, buckets).into_iter().map(|(_, m)| m).collect()
+        } else {
+            vec![(0..buckets.len()).collect()]
+        };
+        let calls = groups.iter().map(|members| async move {
+            let piece: Piece<'_> = (members.iter().map(|&i| &buckets[i]).collect(), 0);
+            self.call("refund", &[piece]).await
+        });
+        for result in futures::future::join_all(calls).await {
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "giving tokens back failed");
             }
         }
     }
@@ -335,23 +679,26 @@ fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Splits a reply into one (all admitted, outcomes) per request of `sizes` buckets each.
-fn parse_reply(
-    reply: &[i64],
-    sizes: &[usize],
-) -> Result<Vec<(bool, Vec<BucketOutcome>)>, StoreError> {
-    let expected: usize = sizes.iter().map(|n| 1 + 5 * n).sum();
+/// Splits a reply into Redis's clock (microseconds) and one answer per request of `sizes`
+/// buckets each.
+fn parse_reply(reply: &[i64], sizes: &[usize]) -> Result<(i64, Vec<Answer>), StoreError> {
+    let expected: usize = 2 + sizes.iter().map(|n| 1 + 5 * n).sum::<usize>();
     if reply.len() != expected {
         return Err(StoreError::Script(format!(
             "script returned {} values, expected {expected}",
             reply.len()
         )));
     }
+    let now_us = reply[0].saturating_mul(1_000_000).saturating_add(reply[1]);
     let us = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1000);
-    let mut at = 0;
-    let mut decided = Vec::with_capacity(sizes.len());
+    let mut at = 2;
+    let mut answers = Vec::with_capacity(sizes.len());
     for &n in sizes {
-        let all = reply[at] == 1;
+        let status = match reply[at] {
+            1 => Status::Admitted,
+            2 => Status::Expired,
+            _ => Status::Denied,
+        };
         let outcomes = reply[at + 1..at + 1 + 5 * n]
             .chunks_exact(5)
             .map(|c| BucketOutcome {
@@ -362,10 +709,10 @@ fn parse_reply(
                 next_token_ns: us(c[4]),
             })
             .collect();
-        decided.push((all, outcomes));
+        answers.push((status, outcomes));
         at += 1 + 5 * n;
     }
-    Ok(decided)
+    Ok((now_us, answers))
 }
 
 #[async_trait]
@@ -374,90 +721,32 @@ impl Store for RedisStore {
         StoreKind::Redis
     }
 
-    async fn decide(&self, requests: &[BucketRequest]) -> Result<Vec<BucketOutcome>, StoreError> {
+    async fn decide(
+        &self,
+        requests: &[BucketRequest],
+        deadline: Instant,
+    ) -> Result<Vec<BucketOutcome>, StoreError> {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        let all: Vec<&BucketRequest> = requests.iter().collect();
-        if !self.clustered {
-            let Some(queue) = self.local_queue() else {
-                return Ok(self.decide_group(&all).await?.1);
-            };
-            let (reply, answer) = oneshot::channel();
-            queue
-                .try_send(Pending {
-                    requests: requests.to_vec(),
-                    reply,
-                })
-                .map_err(|_| StoreError::Connection("decision queue full".into()))?;
-            return match tokio::time::timeout(self.caller.timeout, answer).await {
-                Ok(Ok(result)) => result,
-                Ok(Err(_)) => Err(StoreError::Connection("batcher stopped".into())),
-                Err(_) => Err(StoreError::Timeout),
-            };
-        }
-        // Cluster: one call per hash slot, concurrently.
-        let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-        for (i, r) in requests.iter().enumerate() {
-            let slot = fred::util::redis_keyslot(self.caller.full_key(&r.key).as_bytes());
-            match groups.iter_mut().find(|(s, _)| *s == slot) {
-                Some((_, members)) => members.push(i),
-                None => groups.push((slot, vec![i])),
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            requests: requests.to_vec(),
+            deadline,
+            reply,
+        };
+        match self.lane() {
+            Some(queue) => queue
+                .try_send(pending)
+                .map_err(|_| StoreError::Connection("decision queue full".into()))?,
+            None => {
+                // Not a proxy thread (admin API, tests): the store's own connection, in a task
+                // that outlives the deadline so that a late charge is still refunded.
+                let caller = self.caller.clone();
+                tokio::spawn(async move { caller.run_batch(vec![pending]).await });
             }
         }
-        if groups.len() == 1 {
-            return Ok(self.decide_group(&all).await?.1);
-        }
-        let group_requests: Vec<Vec<&BucketRequest>> = groups
-            .iter()
-            .map(|(_, members)| members.iter().map(|&i| &requests[i]).collect())
-            .collect();
-        let results =
-            futures::future::join_all(group_requests.iter().map(|g| self.decide_group(g))).await;
-        let mut outcomes = vec![BucketOutcome::default(); requests.len()];
-        let mut denied = false;
-        let mut first_error = None;
-        for ((_, members), result) in groups.iter().zip(&results) {
-            match result {
-                Ok((admitted, group_outcomes)) => {
-                    denied |= !admitted;
-                    for (&i, o) in members.iter().zip(group_outcomes) {
-                        outcomes[i] = *o;
-                    }
-                }
-                Err(e) => {
-                    denied = true;
-                    first_error.get_or_insert_with(|| e.clone());
-                }
-            }
-        }
-        if denied {
-            // Give back what the admitting slots took, so the request charges nothing.
-            let charged: Vec<[&[&BucketRequest]; 1]> = group_requests
-                .iter()
-                .zip(&results)
-                .filter(|(_, r)| matches!(r, Ok((true, _))))
-                .map(|(g, _)| [g.as_slice()])
-                .collect();
-            let refunds = charged
-                .iter()
-                .map(|batch| self.caller.call("refund", batch));
-            for refund in futures::future::join_all(refunds).await {
-                if let Err(e) = refund {
-                    tracing::warn!(error = %e, "refund after a cross-slot denial failed");
-                }
-            }
-            if let Some(e) = first_error {
-                return Err(e);
-            }
-            for (o, r) in outcomes.iter_mut().zip(requests) {
-                if o.allowed {
-                    // Report these as uncharged.
-                    o.remaining = (o.remaining + r.cost).min(r.burst);
-                }
-            }
-        }
-        Ok(outcomes)
+        await_reply(answer, deadline).await
     }
 
     async fn peek(&self, request: &BucketRequest) -> Result<BucketOutcome, StoreError> {
@@ -465,18 +754,22 @@ impl Store for RedisStore {
             cost: 0,
             ..request.clone()
         };
-        let reply = self.caller.call("peek", &[&[&uncharged]]).await?;
-        parse_reply(&reply, &[1])?
-            .pop()
+        let reply = self.caller.call("peek", &[(vec![&uncharged], 0)]).await?;
+        let (now_us, answers) = parse_reply(&reply, &[1])?;
+        self.caller.clock.observe(now_us);
+        answers
+            .into_iter()
+            .next()
             .and_then(|(_, outcomes)| outcomes.into_iter().next())
             .ok_or_else(|| StoreError::Script("empty reply".into()))
     }
 
     async fn reset(&self, key: &str) -> Result<(), StoreError> {
-        let del = self.caller.client.del::<i64, _>(self.caller.full_key(key));
-        match tokio::time::timeout(self.caller.timeout, del).await {
-            Ok(result) => result.map(|_| ()).map_err(fred_error),
-            Err(_) => Err(StoreError::Timeout),
-        }
+        self.caller
+            .client
+            .del::<i64, _>(self.caller.full_key(key))
+            .await
+            .map(|_| ())
+            .map_err(fred_error)
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::limiter::Decision;
+use crate::metrics::RequestDecision;
 use crate::routes::Route;
 use crate::state::InFlight;
 use std::sync::Arc;
@@ -13,8 +14,8 @@ pub struct Ctx {
     pub route: Option<Arc<Route>>,
     /// The decision whose headers the upstream response gains (none in shadow mode).
     pub decision: Option<Decision>,
-    /// The `decision` label this request was counted under.
-    pub decision_label: &'static str,
+    /// What this request was counted as (none until it is).
+    pub counted_as: Option<RequestDecision>,
     /// Upstream connection attempts so far (one per target tried).
     pub attempts: usize,
     pub upstream_start: Option<Instant>,
@@ -28,7 +29,7 @@ impl Ctx {
             config: None,
             route: None,
             decision: None,
-            decision_label: "",
+            counted_as: None,
             attempts: 0,
             upstream_start: None,
             started: Instant::now(),

@@ -9,10 +9,10 @@ pub mod ctx;
 pub mod response;
 
 use crate::keys::{self, RequestView};
-use crate::limiter::guarded::Verdict;
+use crate::limiter::decider::{DecidedBy, Verdict};
 use crate::limiter::plan::{self, Decision};
 use crate::limiter::StoreKind;
-use crate::metrics::{status_class, RouteStats, NO_ROUTE_LABEL};
+use crate::metrics::{status_class, RequestDecision, RouteStats, NO_ROUTE_LABEL};
 use crate::routes::normalize_host;
 use crate::routes::Route;
 use crate::state::Shared;
@@ -44,14 +44,10 @@ impl Gateway {
     }
 
     /// Counts the request under its decision (`route` is `None` for no route).
-    fn count(&self, route: Option<&Route>, decision: &'static str, ctx: &mut Ctx) {
-        ctx.decision_label = decision;
+    fn count(&self, route: Option<&Route>, decision: RequestDecision, ctx: &mut Ctx) {
+        ctx.counted_as = Some(decision);
         match route {
-            Some(route) => {
-                if let Some(counter) = self.stats(route).decision(decision) {
-                    counter.inc();
-                }
-            }
+            Some(route) => self.stats(route).decision(decision).inc(),
             None => self.shared.metrics.no_route.inc(),
         }
     }
@@ -95,7 +91,7 @@ impl ProxyHttp for Gateway {
             .find(&req.method, host.as_deref(), path)
             .cloned()
         else {
-            self.count(None, "no_route", ctx);
+            self.count(None, RequestDecision::NoRoute, ctx);
             ctx.config = Some(config);
             let (resp, body) = response::problem(404, "Not Found", "no_route")?;
             return send(session, resp, body).await;
@@ -136,17 +132,17 @@ impl ProxyHttp for Gateway {
                 .await
             {
                 Verdict::Decided { decision, by } => {
-                    fallback = by == StoreKind::LocalFallback.label();
+                    fallback = by == DecidedBy::Store(StoreKind::LocalFallback);
                     decision
                 }
                 Verdict::AllowFallback => {
-                    self.count(Some(&route), "fallback_allowed", ctx);
+                    self.count(Some(&route), RequestDecision::FallbackAllowed, ctx);
                     ctx.route = Some(route);
                     ctx.config = Some(config);
                     return Ok(false);
                 }
                 Verdict::DenyFallback { retry_after_ns } => {
-                    self.count(Some(&route), "fallback_limited", ctx);
+                    self.count(Some(&route), RequestDecision::FallbackLimited, ctx);
                     let (mut resp, body) =
                         response::problem(503, "Service Unavailable", "limiter_unavailable")?;
                     resp.insert_header(
@@ -165,9 +161,9 @@ impl ProxyHttp for Gateway {
             self.count(
                 Some(&route),
                 if fallback {
-                    "fallback_allowed"
+                    RequestDecision::FallbackAllowed
                 } else {
-                    "allowed"
+                    RequestDecision::Allowed
                 },
                 ctx,
             );
@@ -175,7 +171,7 @@ impl ProxyHttp for Gateway {
                 ctx.decision = Some(decision);
             }
         } else if route.shadow {
-            self.count(Some(&route), "shadow_limited", ctx);
+            self.count(Some(&route), RequestDecision::ShadowLimited, ctx);
             tracing::info!(
                 route = %route.name,
                 violated = ?decision.violated,
@@ -185,9 +181,9 @@ impl ProxyHttp for Gateway {
             self.count(
                 Some(&route),
                 if fallback {
-                    "fallback_limited"
+                    RequestDecision::FallbackLimited
                 } else {
-                    "limited"
+                    RequestDecision::Limited
                 },
                 ctx,
             );
@@ -341,7 +337,7 @@ impl ProxyHttp for Gateway {
                     method = %req.method,
                     path = %req.uri.path(),
                     route,
-                    decision = ctx.decision_label,
+                    decision = ctx.counted_as.map_or("", RequestDecision::label),
                     status,
                     duration_us,
                     error,

@@ -1,60 +1,72 @@
-//! Guarded decisions: the store in use, behind the circuit breaker, with the configured
-//! fallback when the store fails, times out or the breaker is open. The memory store cannot
-//! fail and is called directly.
+//! The decider: one owner for turning a planned request into a verdict. It answers from the
+//! deny cache when a bucket is known to deny, otherwise asks the store in the slot behind the
+//! circuit breaker with one deadline (now + `timeout_ms`, passed to the store, which answers by
+//! then), and uses the configured fallback when the store fails, times out or the breaker is
+//! open. The memory store cannot fail and is called directly.
 
 use super::breaker::{Admission, Breaker, BreakerState};
 use super::deny_cache::DenyCache;
 use super::memory::MemoryStore;
 use super::plan::{Decision, Plan};
+use super::settings::{BreakerConfig, Fallback};
+use super::slot::StoreSlot;
 use super::{BucketOutcome, BucketRequest, Store, StoreError, StoreKind};
-use crate::config::model::{BreakerConfig, Fallback};
 use crate::metrics::Metrics;
-use crate::state::StoreSlot;
+use prometheus::Histogram;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Who decided.
+/// Who decided a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Via {
-    /// The store in use (memory or Redis).
-    Store,
-    /// The local fallback buckets (`fallback: local`), each at rate/N and burst/N.
-    LocalFallback,
-    /// `fallback: allow`: admitted without a decision.
-    AllowFallback,
-    /// `fallback: deny`: refused (503) until this many nanoseconds pass.
-    DenyFallback { retry_after_ns: u64 },
+pub enum DecidedBy {
+    /// No bucket was asked: no limit applied, or a missing key denied.
+    NoBucket,
+    /// A store: the memory store, Redis, or the local fallback buckets.
+    Store(StoreKind),
+}
+
+impl DecidedBy {
+    /// As reported by `/v1/check` (`decided_by`).
+    pub fn label(self) -> &'static str {
+        match self {
+            DecidedBy::NoBucket => "none",
+            DecidedBy::Store(kind) => kind.label(),
+        }
+    }
 }
 
 /// What a planned request comes to.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Decided by a store or the local fallback; `by` is the store label (`none` when no bucket
-    /// was asked: no limit applied, or a missing key denied).
-    Decided {
-        decision: Decision,
-        by: &'static str,
-    },
+    /// Decided by a store or the local fallback.
+    Decided { decision: Decision, by: DecidedBy },
     /// `fallback: allow`: admitted without a decision.
     AllowFallback,
     /// `fallback: deny`: refused (503) until this many nanoseconds pass.
     DenyFallback { retry_after_ns: u64 },
 }
 
-#[derive(Debug)]
-pub struct Guarded {
-    /// One per bucket request (empty for allow/deny fallbacks).
-    pub outcomes: Vec<BucketOutcome>,
-    pub via: Via,
+/// How the buckets of one request were decided.
+enum Guarded {
+    /// By the store, or from the deny cache (one outcome per bucket).
+    Store(Vec<BucketOutcome>),
+    /// By the local fallback buckets, each at rate/N and burst/N.
+    Local(Vec<BucketOutcome>),
+    Allow,
+    Deny {
+        retry_after_ns: u64,
+    },
 }
 
-/// The breaker and the local fallback buckets, shared by every request.
+/// The breaker, the deny cache and the local fallback buckets, shared by every request.
 pub struct Decider {
     pub breaker: Arc<Breaker>,
     pub local: Arc<MemoryStore>,
-    /// Denials remembered until their buckets could admit (Redis store only).
+    /// Denials remembered for a short while (Redis store only).
     pub deny_cache: DenyCache,
     metrics: Arc<Metrics>,
+    /// `tollgate_decision_duration_seconds` by [`StoreKind`], resolved once.
+    durations: [Histogram; 3],
 }
 
 /// The request as the local fallback sees it: rate/N and burst/N (at least 1).
@@ -68,6 +80,14 @@ pub fn per_instance(r: &BucketRequest, instances: u32) -> BucketRequest {
     }
 }
 
+fn kind_index(kind: StoreKind) -> usize {
+    match kind {
+        StoreKind::Memory => 0,
+        StoreKind::Redis => 1,
+        StoreKind::LocalFallback => 2,
+    }
+}
+
 impl Decider {
     pub fn new(
         breaker: Arc<Breaker>,
@@ -75,11 +95,18 @@ impl Decider {
         deny_cache: DenyCache,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let durations = [
+            StoreKind::Memory,
+            StoreKind::Redis,
+            StoreKind::LocalFallback,
+        ]
+        .map(|k| metrics.decision_duration(k.label()));
         Decider {
             breaker,
             local,
             deny_cache,
             metrics,
+            durations,
         }
     }
 
@@ -94,9 +121,7 @@ impl Decider {
     }
 
     fn observe(&self, kind: StoreKind, started: Instant) {
-        if let Some(h) = self.metrics.decision_duration_for(kind.label()) {
-            h.observe(started.elapsed().as_secs_f64());
-        }
+        self.durations[kind_index(kind)].observe(started.elapsed().as_secs_f64());
     }
 
     fn count_error(&self, e: &StoreError) {
@@ -118,60 +143,51 @@ impl Decider {
         if plan.requests.is_empty() || !plan.missing_denied.is_empty() {
             return Verdict::Decided {
                 decision: Decision::from_outcomes(plan, Vec::new()),
-                by: "none",
+                by: DecidedBy::NoBucket,
             };
         }
-        let guarded = self.decide(slot, breaker_cfg, &plan.requests).await;
-        match guarded.via {
-            Via::Store => Verdict::Decided {
-                decision: Decision::from_outcomes(plan, guarded.outcomes),
-                by: slot.store.kind().label(),
+        match self.decide(slot, breaker_cfg, &plan.requests).await {
+            Guarded::Store(outcomes) => Verdict::Decided {
+                decision: Decision::from_outcomes(plan, outcomes),
+                by: DecidedBy::Store(slot.store.kind()),
             },
-            Via::LocalFallback => {
+            Guarded::Local(outcomes) => {
                 plan.per_instance(breaker_cfg.fallback_instances);
                 Verdict::Decided {
-                    decision: Decision::from_outcomes(plan, guarded.outcomes),
-                    by: StoreKind::LocalFallback.label(),
+                    decision: Decision::from_outcomes(plan, outcomes),
+                    by: DecidedBy::Store(StoreKind::LocalFallback),
                 }
             }
-            Via::AllowFallback => Verdict::AllowFallback,
-            Via::DenyFallback { retry_after_ns } => Verdict::DenyFallback { retry_after_ns },
+            Guarded::Allow => Verdict::AllowFallback,
+            Guarded::Deny { retry_after_ns } => Verdict::DenyFallback { retry_after_ns },
         }
     }
 
     /// Decides `requests` on the store in `slot`, or on the fallback.
-    pub async fn decide(
+    async fn decide(
         &self,
         slot: &StoreSlot,
         breaker_cfg: &BreakerConfig,
         requests: &[BucketRequest],
     ) -> Guarded {
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + slot.config.redis.timeout;
         if slot.redis.is_none() {
             // The memory store cannot fail.
-            if let Ok(outcomes) = slot.store.decide(requests).await {
+            if let Ok(outcomes) = slot.store.decide(requests, deadline).await {
                 self.observe(slot.store.kind(), started);
-                return Guarded {
-                    outcomes,
-                    via: Via::Store,
-                };
+                return Guarded::Store(outcomes);
             }
         }
         if let Some(outcomes) = self.deny_cache.check(requests) {
             self.metrics.deny_cache_hits.inc();
-            return Guarded {
-                outcomes,
-                via: Via::Store,
-            };
+            return Guarded::Store(outcomes);
         }
         let admission = self.breaker.admit();
         if admission != Admission::Skip {
             let probe = (admission == Admission::Probe).then(|| self.breaker.probe());
-            let deadline = slot.config.redis.timeout;
-            let result = match tokio::time::timeout(deadline, slot.store.decide(requests)).await {
-                Ok(result) => result,
-                Err(_) => Err(StoreError::Timeout),
-            };
+            // The store answers by the deadline (a timeout is an error like any other).
+            let result = slot.store.decide(requests, deadline).await;
             self.observe(slot.store.kind(), started);
             match result {
                 Ok(outcomes) => {
@@ -180,10 +196,7 @@ impl Decider {
                         None => self.breaker.on_success(false),
                     }
                     self.deny_cache.remember(requests, &outcomes);
-                    return Guarded {
-                        outcomes,
-                        via: Via::Store,
-                    };
+                    return Guarded::Store(outcomes);
                 }
                 Err(e) => {
                     self.count_error(&e);
@@ -206,25 +219,17 @@ impl Decider {
                     .iter()
                     .map(|r| per_instance(r, cfg.fallback_instances))
                     .collect();
-                let outcomes = self.local.decide(&scaled).await.unwrap_or_default();
+                let far = tokio::time::Instant::now() + Duration::from_secs(1);
+                let outcomes = self.local.decide(&scaled, far).await.unwrap_or_default();
                 self.observe(StoreKind::LocalFallback, started);
-                Guarded {
-                    outcomes,
-                    via: Via::LocalFallback,
-                }
+                Guarded::Local(outcomes)
             }
-            Fallback::Allow => Guarded {
-                outcomes: Vec::new(),
-                via: Via::AllowFallback,
-            },
-            Fallback::Deny => Guarded {
-                outcomes: Vec::new(),
-                via: Via::DenyFallback {
-                    retry_after_ns: self
-                        .breaker
-                        .remaining_open_ns()
-                        .max(Duration::from_secs(1).as_nanos() as u64),
-                },
+            Fallback::Allow => Guarded::Allow,
+            Fallback::Deny => Guarded::Deny {
+                retry_after_ns: self
+                    .breaker
+                    .remaining_open_ns()
+                    .max(Duration::from_secs(1).as_nanos() as u64),
             },
         }
     }

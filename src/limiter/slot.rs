@@ -1,0 +1,170 @@
+//! The store slot: the store a config asks for (memory or Redis), whether every connection a
+//! decision will use is open yet, and the threads that decide. A Redis store is connected once,
+//! on every deciding thread, before it takes decisions: at start-up before the proxy listener
+//! opens, and on a reload before it is swapped in.
+
+use super::clock::MonotonicClock;
+use super::memory::MemoryStore;
+use super::redis::RedisStore;
+use super::settings::{StoreConfig, StoreKindConfig};
+use super::{Store, StoreError};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::ThreadId;
+
+/// One thread that decides requests (a proxy worker), and its runtime.
+pub type DecisionThread = (ThreadId, tokio::runtime::Handle);
+
+/// The proxy's worker threads, found once at start-up; a Redis store opens one connection
+/// (and one batcher) on each.
+#[derive(Default)]
+pub struct DecisionThreads(OnceLock<Vec<DecisionThread>>);
+
+impl DecisionThreads {
+    /// Records the threads (the first call wins).
+    pub fn set(&self, threads: Vec<DecisionThread>) {
+        let _ = self.0.set(threads);
+    }
+
+    /// The threads, or none before the proxy started.
+    pub fn get(&self) -> &[DecisionThread] {
+        self.0.get().map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Whether a store can take decisions yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Connections are being opened.
+    Connecting,
+    /// Every connection a decision will use is open and the script is loaded.
+    Ready,
+    /// The start-up wait passed without every connection open: decisions that cannot reach
+    /// Redis go to the breaker's fallback; connections keep retrying in the background.
+    Degraded,
+}
+
+impl Readiness {
+    fn from_u8(v: u8) -> Readiness {
+        match v {
+            0 => Readiness::Connecting,
+            1 => Readiness::Ready,
+            _ => Readiness::Degraded,
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        match self {
+            Readiness::Connecting => 0,
+            Readiness::Ready => 1,
+            Readiness::Degraded => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Readiness::Connecting => "connecting",
+            Readiness::Ready => "ready",
+            Readiness::Degraded => "degraded",
+        }
+    }
+}
+
+/// The store in use, and the config it was built from.
+pub struct StoreSlot {
+    pub store: Arc<dyn Store>,
+    /// Set when the store is the memory store (for its size gauge).
+    pub memory: Option<Arc<MemoryStore>>,
+    /// Set when the store is Redis (for connect, readiness, close).
+    pub redis: Option<Arc<RedisStore>>,
+    pub config: StoreConfig,
+    readiness: AtomicU8,
+}
+
+impl StoreSlot {
+    /// Builds the store a config asks for; a Redis store is not connected yet.
+    pub fn build(config: &StoreConfig) -> Result<StoreSlot, StoreError> {
+        match config.kind {
+            StoreKindConfig::Memory => {
+                let memory = Arc::new(MemoryStore::new(
+                    usize::try_from(config.max_buckets).unwrap_or(usize::MAX),
+                    Arc::new(MonotonicClock::new()),
+                ));
+                Ok(StoreSlot {
+                    store: memory.clone(),
+                    memory: Some(memory),
+                    redis: None,
+                    config: config.clone(),
+                    readiness: AtomicU8::new(Readiness::Ready.to_u8()),
+                })
+            }
+            StoreKindConfig::Redis => {
+                let redis = Arc::new(RedisStore::new(&config.redis)?);
+                Ok(StoreSlot {
+                    store: redis.clone(),
+                    memory: None,
+                    redis: Some(redis),
+                    config: config.clone(),
+                    readiness: AtomicU8::new(Readiness::Connecting.to_u8()),
+                })
+            }
+        }
+    }
+
+    /// Opens every connection a decision will use (the store's own, and one per deciding
+    /// thread) and loads the script, waiting at most `store.redis.startup_wait`. A no-op for
+    /// the memory store. Past the wait the store is marked degraded and keeps connecting in
+    /// the background; the error says why.
+    pub async fn connect(&self, threads: &[DecisionThread]) -> Result<(), StoreError> {
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let wait = self.config.redis.startup_wait;
+        match redis.connect(threads, wait).await {
+            Ok(()) => {
+                self.set_readiness(Readiness::Ready);
+                tracing::info!(
+                    urls = ?self.config.redis.urls,
+                    connections = threads.len() + 1,
+                    "connected to Redis on every deciding thread, script loaded"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.set_readiness(Readiness::Degraded);
+                tracing::warn!(
+                    error = %e,
+                    urls = ?self.config.redis.urls,
+                    wait_ms = wait.as_millis() as u64,
+                    "Redis not ready within the start-up wait: serving degraded (decisions that \
+                     cannot reach Redis use the breaker's fallback); reconnecting in the background"
+                );
+                Err(e)
+            }
+        }
+    }
+
+    fn set_readiness(&self, r: Readiness) {
+        self.readiness.store(r.to_u8(), Ordering::Release);
+    }
+
+    /// Whether connecting finished, and how.
+    pub fn readiness(&self) -> Readiness {
+        Readiness::from_u8(self.readiness.load(Ordering::Acquire))
+    }
+
+    /// Whether the store can answer every decision now: connected on every deciding thread.
+    pub fn healthy(&self) -> bool {
+        match &self.redis {
+            None => true,
+            Some(r) => self.readiness() != Readiness::Connecting && r.is_connected(),
+        }
+    }
+
+    /// Closes a store that is no longer in use.
+    pub async fn close(&self) {
+        if let Some(redis) = &self.redis {
+            redis.close().await;
+        }
+    }
+}
