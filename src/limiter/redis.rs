@@ -292,9 +292,12 @@ impl Caller {
             args.push((requests.len() as i64).into());
             for r in requests.iter() {
                 keys.push(self.full_key(&r.key));
-                args.push(int(r.interval_ns / 1000).max(1).into());
+                // Whole nanoseconds, the same integer the memory store uses. A cost above the
+                // burst never fits; the script only needs to see that, so it is sent as at most
+                // burst + 1 (exact in Lua doubles, never multiplied out).
+                args.push(int(r.interval_ns).into());
                 args.push(int(r.burst).into());
-                args.push(int(r.cost).into());
+                args.push(int(r.cost.min(r.burst.saturating_add(1))).into());
             }
         }
         let call = self
@@ -347,7 +350,7 @@ fn parse_reply(
             reply.len()
         )));
     }
-    let us = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1000);
+    let ns = |v: i64| u64::try_from(v).unwrap_or(0);
     let mut at = 0;
     let mut decided = Vec::with_capacity(sizes.len());
     for &n in sizes {
@@ -357,9 +360,9 @@ fn parse_reply(
             .map(|c| BucketOutcome {
                 allowed: c[0] == 1,
                 remaining: u64::try_from(c[1]).unwrap_or(0),
-                reset_ns: us(c[2]),
-                retry_ns: us(c[3]),
-                next_token_ns: us(c[4]),
+                reset_ns: ns(c[2]),
+                retry_ns: ns(c[3]),
+                next_token_ns: ns(c[4]),
             })
             .collect();
         decided.push((all, outcomes));
@@ -450,10 +453,15 @@ impl Store for RedisStore {
             if let Some(e) = first_error {
                 return Err(e);
             }
-            for (o, r) in outcomes.iter_mut().zip(requests) {
-                if o.allowed {
-                    // Report these as uncharged.
-                    o.remaining = (o.remaining + r.cost).min(r.burst);
+            // The slots that admitted were charged and given back: report their buckets
+            // uncharged, as the script does for a slot that denied.
+            for ((_, members), result) in groups.iter().zip(&results) {
+                if matches!(result, Ok((true, _))) {
+                    for &i in members {
+                        let r = &requests[i];
+                        outcomes[i] =
+                            super::gcra::uncharged(outcomes[i], r.interval_ns, r.burst, r.cost);
+                    }
                 }
             }
         }
