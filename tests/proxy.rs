@@ -4,9 +4,10 @@
 
 mod common;
 
-use common::{client, client_from, header, Gateway, Upstream};
+use common::{client, client_from, header, wait_until, Gateway, Upstream};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::time::Duration;
 
 const HEAD: &str = r#"
 listen: ["{PROXY}"]
@@ -577,4 +578,205 @@ routes:
     );
     let log = gw.log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Two limits on one route: `cheap` (burst 5, cost from `X-Cost`) and `tight` (burst 2), both
+/// per ip. Run against the memory store and a real Redis (default settings).
+fn arithmetic_routes(store: &str) -> String {
+    format!(
+        r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+{store}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes:
+  - name: costly
+    match: {{ path: "/costly" }}
+    upstream: app
+    limits:
+      - {{ name: cheap, key: ["ip"], rate: "5/h", burst: 5, cost_header: X-Cost }}
+      - {{ name: roomy, key: ["ip"], rate: "1/h", burst: 100 }}
+  - name: pair
+    match: {{ path: "/pair" }}
+    upstream: app
+    limits:
+      - {{ name: loose, key: ["ip"], rate: "10/m", burst: 10 }}
+      - {{ name: tight, key: ["ip"], rate: "1/m", burst: 2 }}
+  - {{ name: warm, match: {{ path: "/warm" }}, upstream: app, limits: [ {{ name: w, key: ["ip"], rate: "1000/s" }} ] }}
+"#
+    )
+}
+
+/// The token count the admin API reads for a limit of this test's client (127.0.0.1).
+async fn tokens(gw: &Gateway, route: &str, limit: &str) -> u64 {
+    let url = gw.admin_url(&format!("/v1/limits/{route}/{limit}?key=127.0.0.1"));
+    let body: serde_json::Value = client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["tokens"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no tokens in {body}"))
+}
+
+/// The `r` and `t` of one limit in a `RateLimit` header value.
+fn ietf_r_t(value: &str, limit: &str) -> (u64, u64) {
+    let item = value
+        .split(", ")
+        .find(|i| i.starts_with(&format!("\"{limit}\";")))
+        .unwrap_or_else(|| panic!("{limit} not in {value:?}"));
+    let field = |name: &str| -> u64 {
+        item.split(';')
+            .find_map(|p| p.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {item:?}"))
+    };
+    (field("r="), field("t="))
+}
+
+async fn impossible_costs_and_real_remaining(
+    gw: &Gateway,
+    up: &Upstream,
+    c: &reqwest::Client,
+    hits_before: usize,
+) {
+    // Costs no bucket of burst 5 can ever hold: one past the burst, 1e15, u64::MAX.
+    for cost in ["6", "1000000000000000", "18446744073709551615"] {
+        let resp = c
+            .get(gw.url("/costly"))
+            .header("x-cost", cost)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429, "cost {cost}");
+        assert!(
+            resp.headers().get("retry-after").is_none(),
+            "cost {cost}: no wait makes it fit, got Retry-After {:?}",
+            resp.headers().get("retry-after")
+        );
+        let (r, _) = ietf_r_t(&header(&resp, "ratelimit"), "cheap");
+        assert_eq!(r, 5, "cost {cost}: nothing was taken");
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(body["violated-policies"], serde_json::json!(["cheap"]));
+        assert!(
+            body["retry_after_ms"].is_null(),
+            "cost {cost}: retry_after_ms {}",
+            body["retry_after_ms"]
+        );
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(
+            detail.contains("exceeds") && detail.contains("capacity") && detail.contains("cheap"),
+            "cost {cost}: detail {detail:?}"
+        );
+    }
+    // Nothing was charged by the impossible requests: the full burst still passes.
+    let all = c
+        .get(gw.url("/costly"))
+        .header("x-cost", "5")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(all.status(), 200);
+    assert_eq!(tokens(gw, "costly", "roomy").await, 99);
+    // Now a cost of 1 is possible but must wait: it gets a Retry-After again.
+    let wait = c
+        .get(gw.url("/costly"))
+        .header("x-cost", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wait.status(), 429);
+    let retry: u64 = header(&wait, "retry-after").parse().unwrap();
+    assert!((700..=720).contains(&retry), "one token of 5/h: {retry}");
+
+    // Two limits, the tight one denies: the loose one reports what it really holds.
+    for _ in 0..2 {
+        assert_eq!(c.get(gw.url("/pair")).send().await.unwrap().status(), 200);
+    }
+    let denied = c.get(gw.url("/pair")).send().await.unwrap();
+    assert_eq!(denied.status(), 429);
+    let state = header(&denied, "ratelimit");
+    let (loose_r, loose_t) = ietf_r_t(&state, "loose");
+    let (tight_r, tight_t) = ietf_r_t(&state, "tight");
+    assert_eq!(
+        loose_r,
+        tokens(gw, "pair", "loose").await,
+        "r of the limit that admitted is its real remaining ({state})"
+    );
+    assert_eq!(loose_r, 8);
+    assert_eq!(loose_t, 6, "next token of the uncharged bucket ({state})");
+    assert_eq!(tight_r, 0);
+    let retry: u64 = header(&denied, "retry-after").parse().unwrap();
+    assert!(
+        retry >= tight_t,
+        "Retry-After {retry} earlier than t={tight_t}"
+    );
+    assert_eq!(
+        up.hits() - hits_before,
+        3,
+        "denied requests never reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn impossible_costs_and_real_remaining_on_the_memory_store() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&arithmetic_routes(""), up.addr).await;
+    impossible_costs_and_real_remaining(&gw, &up, &client(), 0).await;
+}
+
+#[tokio::test]
+async fn impossible_costs_and_real_remaining_on_redis() {
+    let redis = common::redis::RedisProcess::standalone();
+    let up = Upstream::start();
+    let store = format!(
+        r#"store: {{ kind: redis, redis: {{ mode: standalone, urls: ["{}"] }} }}"#,
+        redis.url()
+    );
+    let gw = Gateway::start(&arithmetic_routes(&store), up.addr).await;
+    // Each gateway thread opens its Redis connection on its first request; until this
+    // client's thread has one, its decisions may come from the local fallback. Warm it up.
+    let c = client();
+    wait_until(
+        "a Redis decision on this client's connection",
+        Duration::from_secs(10),
+        || async {
+            c.get(gw.url("/warm")).send().await.unwrap();
+            gw.metric(r#"tollgate_requests_total{decision="allowed",route="warm"}"#)
+                .await
+                .is_some_and(|n| n >= 1.0)
+        },
+    )
+    .await;
+    let warm = up.hits();
+    impossible_costs_and_real_remaining(&gw, &up, &c, warm).await;
+    // The Redis path went through the deny cache too: ask again, still no Retry-After.
+    for _ in 0..3 {
+        let resp = c
+            .get(gw.url("/costly"))
+            .header("x-cost", "1000000000000000")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 429);
+        assert!(resp.headers().get("retry-after").is_none());
+    }
+    assert!(
+        gw.metric("tollgate_deny_cache_hits_total").await >= Some(3.0),
+        "the last requests were answered by the deny cache"
+    );
+    for route in ["costly", "pair"] {
+        for decision in ["fallback_allowed", "fallback_limited"] {
+            let key =
+                format!(r#"tollgate_requests_total{{decision="{decision}",route="{route}"}}"#);
+            assert!(
+                gw.metric(&key).await.unwrap_or(0.0) == 0.0,
+                "{key}: Redis decided every request"
+            );
+        }
+    }
 }

@@ -299,3 +299,181 @@ async fn a_batch_window_gathers_decisions_that_arrive_apart() {
     let used = redis.evalsha_calls() - before;
     assert!(used <= 4, "{used} calls for 10 decisions inside one window");
 }
+
+/// Time per token of a rate as the gateway computes it.
+fn interval_of(rate: &str) -> u64 {
+    tollgate::limiter::Rate::parse(rate).unwrap().interval_ns()
+}
+
+fn bucket_ns(key: &str, interval_ns: u64, burst: u64, cost: u64) -> BucketRequest {
+    BucketRequest {
+        key: key.to_string(),
+        interval_ns,
+        burst,
+        cost,
+    }
+}
+
+/// The memory store and the Redis store driven through the same decisions must agree to the
+/// token, at fast (600000/s), odd (7/s) and slow (3/m) rates, with bursts and costs.
+///
+/// Both stores decide at their own clock, so each decision carries a "clock" bucket (3/m,
+/// never full): its reply reveals the exact Redis TIME the script used, and the memory store's
+/// manual clock is moved to that instant before it decides the same request.
+#[tokio::test]
+async fn memory_and_redis_stores_agree_to_the_token() {
+    use std::sync::Arc;
+    use tollgate::limiter::clock::ManualClock;
+    use tollgate::limiter::memory::MemoryStore;
+
+    let redis = RedisProcess::standalone();
+    let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
+    let start: u64 = 1_000_000_000_000;
+    let clock = Arc::new(ManualClock::new(start));
+    let memory = MemoryStore::new(10_000, clock.clone());
+
+    let clock_interval = interval_of("3/m");
+    let clock_bucket = |cost| bucket_ns("eq:clock:{c}", clock_interval, 1000, cost);
+    let fast = |cost| bucket_ns("eq:fast:{c}", interval_of("600000/s"), 1000, cost);
+    let odd = |cost| bucket_ns("eq:odd:{c}", interval_of("7/s"), 3, cost);
+    let slow = |cost| bucket_ns("eq:slow:{c}", interval_of("3/m"), 2, cost);
+    // At the precision bound: refill times just under 2^53 ns (about 104 days).
+    let finest = |cost| {
+        bucket_ns(
+            "eq:finest:{c}",
+            interval_of("1000000/s"),
+            9_007_199_254_740,
+            cost,
+        )
+    };
+    let daily = |cost| bucket_ns("eq:daily:{c}", interval_of("1/d"), 104, cost);
+
+    let mut clock_tat: Option<u64> = None;
+    let mut now = start;
+    let (mut admitted_steps, mut denied_steps) = (0, 0);
+    for step in 0..50u64 {
+        let round = (step / 5) as usize;
+        let tested: Vec<BucketRequest> = match step % 5 {
+            0 => vec![fast([300, 700, 1, 1000, 999][round % 5])],
+            1 => vec![odd(1 + step % 3)],
+            2 => vec![slow(1)],
+            3 => vec![odd(1), fast(250), slow(1)],
+            _ => vec![
+                finest([9_007_199_254_000, 1, 740, 5_000_000, 1][round % 5]),
+                daily([100, 5, 1, 3, 104][round % 5]),
+            ],
+        };
+        let mut requests = vec![clock_bucket(1)];
+        requests.extend(tested);
+        let from_redis = store.decide(&requests, soon()).await.unwrap();
+        let admitted = from_redis.iter().all(|o| o.allowed);
+        // The script's time, from the clock bucket's debt (reported uncharged on a denial).
+        if let Some(tat) = clock_tat {
+            let charged = if admitted { clock_interval } else { 0 };
+            let script_now = (tat + charged)
+                .checked_sub(from_redis[0].reset_ns)
+                .unwrap_or_else(|| panic!("step {step}: reset beyond the stored tat"));
+            assert!(
+                script_now >= now,
+                "step {step}: Redis time went back by {} ns",
+                now - script_now
+            );
+            assert_eq!(
+                (script_now - start) % 1000,
+                0,
+                "step {step}: Redis TIME has whole microseconds, reset_ns {} is not exact",
+                from_redis[0].reset_ns
+            );
+            clock.advance_ns(script_now - now);
+            now = script_now;
+        }
+        let from_memory = memory.decide(&requests, soon()).await.unwrap();
+        assert_eq!(
+            from_redis, from_memory,
+            "step {step}: {requests:?} decided differently (left Redis, right memory)"
+        );
+        if admitted {
+            clock_tat = Some(now + from_redis[0].reset_ns);
+            admitted_steps += 1;
+        } else {
+            denied_steps += 1;
+        }
+        if step % 5 == 4 {
+            // Let the odd bucket refill partly between rounds (time passing, not a sync).
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    }
+    assert!(
+        admitted_steps >= 10 && denied_steps >= 10,
+        "the sequence exercised both: {admitted_steps} admitted, {denied_steps} denied"
+    );
+    // A read that charges nothing (cost 0), at one Redis TIME: the same state in both.
+    let read = [
+        clock_bucket(0),
+        fast(0),
+        odd(0),
+        slow(0),
+        finest(0),
+        daily(0),
+    ];
+    let from_redis = store.decide(&read, soon()).await.unwrap();
+    let script_now = clock_tat.unwrap() - from_redis[0].reset_ns;
+    clock.advance_ns(script_now - now);
+    assert_eq!(from_redis, memory.decide(&read, soon()).await.unwrap());
+}
+
+/// Redis Cluster: when another slot denies, a bucket that admitted is given back and reported
+/// as it really is (uncharged), like the other stores.
+#[tokio::test]
+async fn cluster_reports_admitting_buckets_uncharged() {
+    let cluster = RedisCluster::start();
+    let store = connected(RedisMode::Cluster, cluster.urls()).await;
+    let a = bucket("r:a:{alpha}", 60_000, 5, 1);
+    let b = bucket("r:b:{beta}", 60_000, 1, 1);
+    store.decide(&[a.clone(), b.clone()], soon()).await.unwrap();
+    let denied = store.decide(&[a.clone(), b.clone()], soon()).await.unwrap();
+    assert!(denied[0].allowed && !denied[1].allowed);
+    let real = store.peek(&a).await.unwrap();
+    assert_eq!(denied[0].remaining, real.remaining);
+    assert_eq!(real.remaining, 4);
+    // A peek a moment later: the same debt, minus the time in between.
+    assert!(
+        denied[0].reset_ns >= real.reset_ns && denied[0].reset_ns - real.reset_ns < 1_000 * MS,
+        "reported reset {} ns, real {} ns",
+        denied[0].reset_ns,
+        real.reset_ns
+    );
+    assert!(
+        denied[0].next_token_ns >= real.next_token_ns
+            && denied[0].next_token_ns - real.next_token_ns < 1_000 * MS
+    );
+}
+
+/// A cost the bucket can never hold is denied without arithmetic that could overflow, charges
+/// nothing, and is never given a retry time.
+#[tokio::test]
+async fn costs_beyond_the_burst_never_fit_and_never_overflow() {
+    let redis = RedisProcess::standalone();
+    let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
+    store
+        .decide(&[bucket("r:x:{k}", 60_000, 5, 2)], soon())
+        .await
+        .unwrap();
+    for cost in [6, 1_000_000_000_000_000, u64::MAX] {
+        let o = store
+            .decide(&[bucket("r:x:{k}", 60_000, 5, cost)], soon())
+            .await
+            .unwrap();
+        assert!(!o[0].allowed, "cost {cost}");
+        assert_eq!(
+            o[0].retry_ns, 0,
+            "cost {cost}: no retry time for the impossible"
+        );
+        assert_eq!(o[0].remaining, 3, "cost {cost}");
+    }
+    let o = store
+        .decide(&[bucket("r:x:{k}", 60_000, 5, 3)], soon())
+        .await
+        .unwrap();
+    assert!(o[0].allowed, "the impossible costs took nothing");
+}

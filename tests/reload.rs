@@ -145,7 +145,12 @@ async fn a_bad_file_keeps_the_old_config_under_load() {
     let up = Upstream::start();
     let gw = Arc::new(
         Gateway::start(
-            &with_routes(ONE.replace("burst: 3", "burst: 100000").as_str()),
+            // 1/s: at 1/h a burst of 100000 would take 11 years to refill, beyond the 2^53 ns
+            // (104 days) both stores hold exactly, and validation rejects it.
+            &with_routes(
+                ONE.replace("rate: \"1/h\", burst: 3", "rate: \"1/s\", burst: 100000")
+                    .as_str(),
+            ),
             up.addr,
         )
         .await,
@@ -168,7 +173,7 @@ async fn a_bad_file_keeps_the_old_config_under_load() {
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
     let good = std::fs::read_to_string(&gw.config_path).unwrap();
-    let bad = good.replace("rate: \"1/h\"", "rate: \"lots\"");
+    let bad = good.replace("rate: \"1/s\"", "rate: \"lots\"");
     std::fs::write(&gw.config_path, &bad).unwrap();
     wait_until(
         "the bad file to be rejected",

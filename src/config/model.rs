@@ -505,7 +505,18 @@ fn build_policy(
         check.err(format!("{path}.burst"), "must be at least 1");
         return None;
     }
-    Some(Policy { rate, burst })
+    precise(check, path, Policy { rate, burst })
+}
+
+/// The policy, if both stores can hold it exactly (refill time at most 2^53 ns).
+fn precise(check: &mut Check, path: &str, policy: Policy) -> Option<Policy> {
+    match policy.check_precision() {
+        Ok(()) => Some(policy),
+        Err(msg) => {
+            check.err(format!("{path}.burst"), msg);
+            None
+        }
+    }
 }
 
 fn build_limit(
@@ -571,10 +582,14 @@ fn build_limit(
                     check.err(format!("{opath}.burst"), "must be at least 1");
                     None
                 }
-                Some(burst) => Some(Policy {
-                    rate: base.rate,
-                    burst,
-                }),
+                Some(burst) => precise(
+                    check,
+                    &opath,
+                    Policy {
+                        rate: base.rate,
+                        burst,
+                    },
+                ),
                 None => {
                     check.err(&opath, "give rate, burst or both");
                     None
@@ -584,6 +599,17 @@ fn build_limit(
         if let Some(p) = overridden {
             let parts = value.split(keys::PART_SEPARATOR);
             overrides.insert(keys::normalize_value(parts), p);
+        }
+    }
+    if let Some(p) = policy {
+        let largest = overrides.values().map(|o| o.burst).fold(p.burst, u64::max);
+        if cost > largest {
+            check.err(
+                format!("{path}.cost"),
+                format!(
+                    "cost {cost} exceeds the burst {largest}: no request could ever pass this limit"
+                ),
+            );
         }
     }
     if check.problems.len() > before {
@@ -602,4 +628,67 @@ fn build_limit(
         },
         overrides,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{parse, ConfigError};
+
+    /// The problems `tollgate validate` reports for one limit line, as "path: message".
+    fn problems(limit: &str) -> Vec<String> {
+        let yaml = format!(
+            "upstreams: {{ app: {{ targets: [\"127.0.0.1:9\"] }} }}\nroutes:\n  - name: r\n    upstream: app\n    limits:\n      - {limit}\n"
+        );
+        match parse(&yaml, "t.yaml") {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { problems, .. }) => problems
+                .iter()
+                .map(|p| format!("{}: {}", p.path, p.message))
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn rates_and_bursts_both_stores_cannot_hold_exactly_are_rejected() {
+        let fine = r#"{ name: l, key: ["ip"], rate: "1000000/s", burst: 5 }"#;
+        assert_eq!(problems(fine), Vec::<String>::new());
+        let too_fast = problems(r#"{ name: l, key: ["ip"], rate: "1000001/s" }"#);
+        assert_eq!(too_fast.len(), 1, "{too_fast:?}");
+        assert!(
+            too_fast[0].starts_with("routes[0].limits[0].rate: ")
+                && too_fast[0].contains("1 token per microsecond"),
+            "{too_fast:?}"
+        );
+        let too_long = problems(r#"{ name: l, key: ["ip"], rate: "1/d", burst: 105 }"#);
+        assert_eq!(too_long.len(), 1, "{too_long:?}");
+        assert!(
+            too_long[0].starts_with("routes[0].limits[0].burst: ") && too_long[0].contains("104"),
+            "{too_long:?}"
+        );
+        let override_too_long = problems(
+            r#"{ name: l, key: ["ip"], rate: "1/d", burst: 5, overrides: { "1.2.3.4": { burst: 200 } } }"#,
+        );
+        assert_eq!(override_too_long.len(), 1, "{override_too_long:?}");
+        assert!(
+            override_too_long[0].starts_with("routes[0].limits[0].overrides.1.2.3.4.burst: "),
+            "{override_too_long:?}"
+        );
+        let override_rate = problems(
+            r#"{ name: l, key: ["ip"], rate: "1/s", overrides: { "k": { rate: "2000000/s" } } }"#,
+        );
+        assert_eq!(override_rate.len(), 1, "{override_rate:?}");
+        assert!(override_rate[0].starts_with("routes[0].limits[0].overrides.k.rate: "));
+    }
+
+    #[test]
+    fn a_fixed_cost_no_bucket_can_hold_is_rejected() {
+        let never = problems(r#"{ name: l, key: ["ip"], rate: "1/s", burst: 3, cost: 4 }"#);
+        assert_eq!(
+            never,
+            vec!["routes[0].limits[0].cost: cost 4 exceeds the burst 3: no request could ever pass this limit"]
+        );
+        let for_some = r#"{ name: l, key: ["ip"], rate: "1/s", burst: 3, cost: 4, overrides: { "k": { burst: 4 } } }"#;
+        assert_eq!(problems(for_some), Vec::<String>::new());
+    }
 }

@@ -5,8 +5,22 @@
 //! bucket), the bucket's "debt" is `max(tat, now) - now`; the tokens in it are
 //! `(tau - debt) / interval`. A request of `cost` tokens is admitted when
 //! `debt + cost * interval <= tau`.
+//!
+//! Precision: time is whole nanoseconds and `interval` is the same integer in every store
+//! ([`super::Rate::interval_ns`]); validation keeps `tau` at most [`MAX_REFILL_NS`] (2^53) so
+//! that `lua/token_bucket.lua`, which computes in doubles, gets exactly these numbers. A cost
+//! above the burst never fits and is never multiplied; a denied decision charges nothing, and
+//! [`uncharged`] reports the buckets that admitted as they really are.
 
 use super::BucketOutcome;
+
+/// The most nanoseconds a bucket may take to refill (`interval_ns * burst`): 2^53, about 104
+/// days. The Redis script computes in Lua doubles, exact for integers up to 2^53; within this
+/// bound every value it computes is exact, so both stores agree to the nanosecond.
+pub const MAX_REFILL_NS: u64 = 1 << 53;
+
+/// The shortest time per token: 1 µs (at most 1,000,000 tokens per second).
+pub const MIN_INTERVAL_NS: u64 = 1_000;
 
 /// The result of evaluating one bucket: the outcome, and the new `tat` to store if the whole
 /// decision admits the request.
@@ -17,34 +31,60 @@ pub struct Evaluation {
 }
 
 /// Evaluates a bucket whose stored `tat` is given (0 for a bucket never seen) at time `now`.
+///
+/// A `cost` above `burst` can never fit: it is denied with `retry_ns` 0 (there is no time at
+/// which it would be admitted) and never multiplied, so no cost can overflow.
 pub fn evaluate(tat: u64, now: u64, interval_ns: u64, burst: u64, cost: u64) -> Evaluation {
     let interval = interval_ns.max(1);
     let tau = interval.saturating_mul(burst);
     let debt = tat.saturating_sub(now).min(tau);
-    let new_debt = debt.saturating_add(cost.saturating_mul(interval));
-    if new_debt <= tau {
-        Evaluation {
-            outcome: BucketOutcome {
-                allowed: true,
-                remaining: (tau - new_debt) / interval,
-                reset_ns: new_debt,
-                retry_ns: 0,
-                next_token_ns: next_token(new_debt, interval),
-            },
-            new_tat: now.saturating_add(new_debt),
+    let room = tau - debt;
+    let need = (cost <= burst).then(|| cost.saturating_mul(interval));
+    match need {
+        Some(need) if need <= room => {
+            let new_debt = debt + need;
+            Evaluation {
+                outcome: state(new_debt, interval, tau),
+                new_tat: now.saturating_add(new_debt),
+            }
         }
-    } else {
-        Evaluation {
+        _ => Evaluation {
             outcome: BucketOutcome {
                 allowed: false,
-                remaining: (tau - debt) / interval,
-                reset_ns: debt,
-                retry_ns: new_debt - tau,
-                next_token_ns: next_token(debt, interval),
+                // Above the burst: never.
+                retry_ns: need.map_or(0, |need| need - room),
+                ..state(debt, interval, tau)
             },
             new_tat: tat,
-        }
+        },
     }
+}
+
+/// An admitting bucket with `debt` nanoseconds of debt (`debt <= tau`).
+fn state(debt: u64, interval: u64, tau: u64) -> BucketOutcome {
+    BucketOutcome {
+        allowed: true,
+        remaining: (tau - debt) / interval,
+        reset_ns: debt,
+        retry_ns: 0,
+        next_token_ns: next_token(debt, interval),
+    }
+}
+
+/// The outcome of a bucket that admitted a request which another bucket denied: what the
+/// bucket really holds, since nothing was charged. `charged` is the outcome as if the cost had
+/// been taken (its `reset_ns` is the debt after the charge). Denying outcomes are unchanged.
+pub fn uncharged(charged: BucketOutcome, interval_ns: u64, burst: u64, cost: u64) -> BucketOutcome {
+    if !charged.allowed {
+        return charged;
+    }
+    let interval = interval_ns.max(1);
+    let tau = interval.saturating_mul(burst);
+    let debt = charged
+        .reset_ns
+        .saturating_sub(cost.saturating_mul(interval))
+        .min(tau);
+    state(debt, interval, tau)
 }
 
 fn next_token(debt: u64, interval: u64) -> u64 {
@@ -107,5 +147,29 @@ mod tests {
         assert_eq!(e2.outcome.retry_ns, SEC);
         let never = evaluate(0, SEC, SEC, 10, 11);
         assert!(!never.outcome.allowed);
+        assert_eq!(never.outcome.retry_ns, 0, "no wait makes 11 fit in 10");
+        assert_eq!(never.outcome.remaining, 10);
+    }
+
+    #[test]
+    fn huge_costs_never_overflow() {
+        for cost in [11, 1_000_000_000_000_000, u64::MAX] {
+            let e = evaluate(5 * SEC, SEC, SEC, 10, cost);
+            assert!(!e.outcome.allowed);
+            assert_eq!(e.outcome.retry_ns, 0);
+            assert_eq!(e.outcome.remaining, 6);
+            assert_eq!(e.new_tat, 5 * SEC);
+        }
+    }
+
+    #[test]
+    fn uncharged_is_the_state_before_the_charge() {
+        let interval = SEC / 10;
+        let before = evaluate(10 * SEC + 250_000_000, 10 * SEC, interval, 5, 0);
+        let charged = evaluate(10 * SEC + 250_000_000, 10 * SEC, interval, 5, 2);
+        assert_eq!(charged.outcome.remaining, 0);
+        assert_eq!(uncharged(charged.outcome, interval, 5, 2), before.outcome);
+        assert_eq!(before.outcome.remaining, 2);
+        assert_eq!(before.outcome.next_token_ns, 50_000_000);
     }
 }

@@ -146,23 +146,29 @@ impl Store for MemoryStore {
             let tat = Self::stored_tat(shard, r);
             evaluations.push(gcra::evaluate(tat, now, r.interval_ns, r.burst, r.cost));
         }
-        if evaluations.iter().all(|e| e.outcome.allowed) {
-            for ((r, &sid), e) in requests.iter().zip(&shard_ids).zip(&evaluations) {
-                if r.cost == 0 {
-                    continue;
-                }
-                if let Some((_, shard)) = guards.iter_mut().find(|(i, _)| *i == sid) {
-                    let bucket = Bucket {
-                        tat: e.new_tat,
-                        interval_ns: r.interval_ns,
-                        burst: r.burst,
-                    };
-                    if let Some(existing) = shard.buckets.get_mut(&r.key) {
-                        *existing = bucket;
-                    } else {
-                        self.make_room(shard, now);
-                        shard.buckets.insert(r.key.clone(), bucket);
-                    }
+        if !evaluations.iter().all(|e| e.outcome.allowed) {
+            // Denied: nothing is charged, and the buckets that admitted say what they hold.
+            return Ok(requests
+                .iter()
+                .zip(evaluations)
+                .map(|(r, e)| gcra::uncharged(e.outcome, r.interval_ns, r.burst, r.cost))
+                .collect());
+        }
+        for ((r, &sid), e) in requests.iter().zip(&shard_ids).zip(&evaluations) {
+            if r.cost == 0 {
+                continue;
+            }
+            if let Some((_, shard)) = guards.iter_mut().find(|(i, _)| *i == sid) {
+                let bucket = Bucket {
+                    tat: e.new_tat,
+                    interval_ns: r.interval_ns,
+                    burst: r.burst,
+                };
+                if let Some(existing) = shard.buckets.get_mut(&r.key) {
+                    *existing = bucket;
+                } else {
+                    self.make_room(shard, now);
+                    shard.buckets.insert(r.key.clone(), bucket);
                 }
             }
         }
@@ -223,7 +229,9 @@ mod tests {
                 .await
                 .expect("decide");
             assert!(second[0].allowed && !second[1].allowed);
+            assert_eq!(second[0].remaining, 2, "a reports what it holds, uncharged");
             let a = store.peek(&req("a", 3, 1)).await.expect("peek");
+            assert_eq!(second[0], a, "the same state a peek reads");
             assert_eq!(a.remaining, 2, "a was charged once, not twice");
         });
     }

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use plan::{Decision, LimitStatus};
+pub use plan::{CapacityExceeded, Decision, LimitStatus, RetryAfter};
 
 /// `N` tokens per `period`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,18 +47,29 @@ impl Rate {
             "d" => 86_400,
             _ => return Err(bad()),
         };
-        if count == 0 || count > 1_000_000_000 {
+        if count == 0 {
             return Err(bad());
         }
-        Ok(Rate {
+        let rate = Rate {
             count,
             period: Duration::from_secs(secs),
-        })
+        };
+        // period / count < 1 µs, in exact integers.
+        if u128::from(count) * u128::from(gcra::MIN_INTERVAL_NS) > rate.period.as_nanos() {
+            return Err(format!(
+                "{text:?} is faster than 1 token per microsecond (1000000/s), the finest rate \
+                 both stores hold exactly"
+            ));
+        }
+        Ok(rate)
     }
 
-    /// Time for one token to drip back in, in nanoseconds (at least 1).
+    /// Time for one token to drip back in, in whole nanoseconds: `period / count` rounded up,
+    /// so a bucket never refills faster than configured (`7/s` is 142,857,143 ns a token). Every
+    /// store uses this same integer, so they agree to the token.
     pub fn interval_ns(&self) -> u64 {
-        (self.period.as_nanos() as u64 / self.count).max(1)
+        let period = u64::try_from(self.period.as_nanos()).unwrap_or(u64::MAX);
+        period.div_ceil(self.count.max(1)).max(1)
     }
 }
 
@@ -80,6 +91,26 @@ impl Policy {
             },
             burst: (self.burst / u64::from(n)).max(1),
         }
+    }
+
+    /// Time to refill an empty bucket, in nanoseconds (`interval_ns * burst`, saturating).
+    pub fn refill_ns(&self) -> u64 {
+        self.rate.interval_ns().saturating_mul(self.burst)
+    }
+
+    /// Whether both stores can hold this policy exactly: refill time at most
+    /// [`gcra::MAX_REFILL_NS`] (the rate's lower bound is checked by [`Rate::parse`]).
+    pub fn check_precision(&self) -> Result<(), String> {
+        if self.refill_ns() > gcra::MAX_REFILL_NS {
+            return Err(format!(
+                "burst {} at this rate takes {} days to refill; at most {} days (2^53 ns) can be \
+                 held exactly: lower the burst or raise the rate",
+                self.burst,
+                self.refill_ns() / 86_400_000_000_000,
+                gcra::MAX_REFILL_NS / 86_400_000_000_000
+            ));
+        }
+        Ok(())
     }
 
     /// Time to refill an empty bucket, in whole seconds rounded up (the IETF `w` parameter).
@@ -146,7 +177,8 @@ pub struct BucketRequest {
     pub cost: u64,
 }
 
-/// A bucket's state after a decision (or a peek).
+/// A bucket's state after a decision (or a peek). When a decision is denied, nothing is
+/// charged, and the buckets that would have admitted report their state as it really is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BucketOutcome {
     /// This bucket alone would admit the request.
@@ -155,7 +187,8 @@ pub struct BucketOutcome {
     pub remaining: u64,
     /// Time until the bucket is full again.
     pub reset_ns: u64,
-    /// Time until the bucket could admit this request's cost (0 when allowed).
+    /// Time until the bucket could admit this request's cost: 0 when allowed, and 0 when the
+    /// cost exceeds the burst (no wait makes it fit; see [`plan::CapacityExceeded`]).
     pub retry_ns: u64,
     /// Time until the bucket gains its next whole token (0 when full).
     pub next_token_ns: u64,
@@ -240,9 +273,51 @@ mod tests {
             Rate::parse("1/d").map(|r| r.period),
             Ok(Duration::from_secs(86_400))
         );
-        for bad in ["ten/s", "10", "10/w", "0/s", "-1/s", ""] {
+        for bad in [
+            "ten/s",
+            "10",
+            "10/w",
+            "0/s",
+            "-1/s",
+            "",
+            "1000001/s",
+            "1000000000/s",
+        ] {
             assert!(Rate::parse(bad).is_err(), "{bad} should not parse");
         }
+        // The finest rate held exactly: one token per microsecond.
+        assert_eq!(Rate::parse("1000000/s").map(|r| r.interval_ns()), Ok(1_000));
+        assert_eq!(
+            Rate::parse("60000000/m").map(|r| r.interval_ns()),
+            Ok(1_000)
+        );
+        // Intervals round up: never faster than configured.
+        assert_eq!(Rate::parse("7/s").map(|r| r.interval_ns()), Ok(142_857_143));
+        assert_eq!(Rate::parse("600000/s").map(|r| r.interval_ns()), Ok(1_667));
+    }
+
+    #[test]
+    fn refill_time_must_fit_in_2_pow_53_ns() {
+        let day = Rate::parse("1/d").unwrap_or_else(|e| panic!("{e}"));
+        assert!(Policy {
+            rate: day,
+            burst: 104
+        }
+        .check_precision()
+        .is_ok());
+        let err = Policy {
+            rate: day,
+            burst: 105,
+        }
+        .check_precision();
+        assert!(err.as_ref().is_err_and(|e| e.contains("105")), "{err:?}");
+        let fast = Rate::parse("1000000/s").unwrap_or_else(|e| panic!("{e}"));
+        assert!(Policy {
+            rate: fast,
+            burst: u64::MAX
+        }
+        .check_precision()
+        .is_err());
     }
 
     #[test]

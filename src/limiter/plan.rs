@@ -1,5 +1,6 @@
 //! Planning: from a matched route and a request to the bucket requests a store decides, and
-//! from the store's outcomes to one [`Decision`] for the request.
+//! from the store's outcomes to one [`Decision`] for the request. A cost above a limit's burst
+//! is found here ([`CapacityExceeded`]): such a request can never pass ([`RetryAfter::Never`]).
 
 use super::{BucketOutcome, BucketRequest, Limit, OnMissingKey, Policy};
 use crate::keys::{self, RequestView};
@@ -15,6 +16,17 @@ pub struct Plan {
     pub limits: Vec<(Arc<str>, Policy)>,
     /// Limits that deny because their key is missing (`on_missing_key: deny`).
     pub missing_denied: Vec<(Arc<str>, Policy)>,
+    /// Requests (by index) whose cost exceeds their limit's burst (the policy in force, after
+    /// overrides, before any fallback share): they can never pass.
+    pub exceeds_capacity: Vec<(usize, CapacityExceeded)>,
+}
+
+/// A request that costs more than a limit's bucket can ever hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityExceeded {
+    pub limit: Arc<str>,
+    pub cost: u64,
+    pub capacity: u64,
 }
 
 /// The bucket's identity: `route:limit:{value}`. Braces make the value the Redis Cluster hash
@@ -47,6 +59,16 @@ impl Plan {
             return;
         };
         let policy = limit.policy_for(&value);
+        if cost > policy.burst {
+            self.exceeds_capacity.push((
+                self.requests.len(),
+                CapacityExceeded {
+                    limit: limit.name.clone(),
+                    cost,
+                    capacity: policy.burst,
+                },
+            ));
+        }
         self.requests.push(BucketRequest {
             key: bucket_key(&route.name, &limit.name, &value),
             interval_ns: policy.rate.interval_ns(),
@@ -115,8 +137,22 @@ pub struct Decision {
     pub statuses: Vec<LimitStatus>,
     /// Names of the limits that denied.
     pub violated: Vec<Arc<str>>,
-    /// When the request could be admitted (the longest wait among violated limits).
+    /// When the request could be admitted (the longest wait among violated limits); 0 when
+    /// it never can (see `exceeds_capacity`).
     pub retry_after_ns: u64,
+    /// Limits whose bucket can never hold this request's cost: no wait makes it pass.
+    pub exceeds_capacity: Vec<CapacityExceeded>,
+}
+
+/// When a request could pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryAfter {
+    /// It was admitted.
+    Admitted,
+    /// Not before this many nanoseconds.
+    After(u64),
+    /// Never: its cost exceeds a limit's capacity.
+    Never,
 }
 
 impl Decision {
@@ -129,9 +165,17 @@ impl Decision {
     }
 
     /// Combines a plan with the store's outcomes (one per bucket request, same order).
+    ///
+    /// A request whose cost exceeds a limit's capacity is denied by that limit whatever the
+    /// store (or the deny cache) said, with no retry time.
     pub fn from_outcomes(plan: Plan, outcomes: Vec<BucketOutcome>) -> Decision {
         let mut decision = Decision::unlimited();
-        for ((name, policy), outcome) in plan.limits.into_iter().zip(outcomes) {
+        for (i, ((name, policy), mut outcome)) in plan.limits.into_iter().zip(outcomes).enumerate()
+        {
+            if plan.exceeds_capacity.iter().any(|(at, _)| *at == i) {
+                outcome.allowed = false;
+                outcome.retry_ns = 0;
+            }
             if !outcome.allowed {
                 decision.violated.push(name.clone());
                 decision.retry_after_ns = decision.retry_after_ns.max(outcome.retry_ns);
@@ -146,8 +190,28 @@ impl Decision {
             decision.retry_after_ns = decision.retry_after_ns.max(policy.rate.interval_ns());
             decision.violated.push(name);
         }
+        for (_, e) in &plan.exceeds_capacity {
+            if !decision.violated.contains(&e.limit) {
+                decision.violated.push(e.limit.clone());
+            }
+        }
         decision.allowed = decision.violated.is_empty();
+        decision.exceeds_capacity = plan.exceeds_capacity.into_iter().map(|(_, e)| e).collect();
+        if !decision.exceeds_capacity.is_empty() {
+            decision.retry_after_ns = 0;
+        }
         decision
+    }
+
+    /// When this request could pass.
+    pub fn retry_after(&self) -> RetryAfter {
+        if self.allowed {
+            RetryAfter::Admitted
+        } else if !self.exceeds_capacity.is_empty() {
+            RetryAfter::Never
+        } else {
+            RetryAfter::After(self.retry_after_ns)
+        }
     }
 
     /// The status that headers describe: the lowest remaining, among the violated ones when

@@ -473,9 +473,12 @@ impl Caller {
             args.push((*deadline_us).into());
             for r in requests.iter() {
                 keys.push(self.full_key(&r.key));
-                args.push(int(r.interval_ns / 1000).max(1).into());
+                // Whole nanoseconds, the same integer the memory store uses. A cost above the
+                // burst never fits; the script only needs to see that, so it is sent as at most
+                // burst + 1 (exact in Lua doubles, never multiplied out).
+                args.push(int(r.interval_ns).into());
                 args.push(int(r.burst).into());
-                args.push(int(r.cost).into());
+                args.push(int(r.cost.min(r.burst.saturating_add(1))).into());
             }
         }
         self.script
@@ -639,8 +642,10 @@ impl Caller {
                 if r.cost > 0 {
                     refunds.push(r.clone());
                 }
-                let o = &mut t.outcomes[i];
-                o.remaining = (o.remaining + r.cost).min(r.burst);
+                // Charged and given back: reported uncharged, as the script reports a slot
+                // that denied.
+                t.outcomes[i] =
+                    super::gcra::uncharged(t.outcomes[i], r.interval_ns, r.burst, r.cost);
             }
             answers.push(if t.denied {
                 Ok((Status::Denied, t.outcomes))
@@ -690,7 +695,7 @@ fn parse_reply(reply: &[i64], sizes: &[usize]) -> Result<(i64, Vec<Answer>), Sto
         )));
     }
     let now_us = reply[0].saturating_mul(1_000_000).saturating_add(reply[1]);
-    let us = |v: i64| u64::try_from(v).unwrap_or(0).saturating_mul(1000);
+    let ns = |v: i64| u64::try_from(v).unwrap_or(0);
     let mut at = 2;
     let mut answers = Vec::with_capacity(sizes.len());
     for &n in sizes {
@@ -704,9 +709,9 @@ fn parse_reply(reply: &[i64], sizes: &[usize]) -> Result<(i64, Vec<Answer>), Sto
             .map(|c| BucketOutcome {
                 allowed: c[0] == 1,
                 remaining: u64::try_from(c[1]).unwrap_or(0),
-                reset_ns: us(c[2]),
-                retry_ns: us(c[3]),
-                next_token_ns: us(c[4]),
+                reset_ns: ns(c[2]),
+                retry_ns: ns(c[3]),
+                next_token_ns: ns(c[4]),
             })
             .collect();
         answers.push((status, outcomes));

@@ -2,7 +2,7 @@
 //! draft-10 `RateLimit-Policy` / `RateLimit`), the 429 problem+json response, and the 404 for
 //! requests no route takes.
 
-use crate::limiter::{ceil_secs, Decision};
+use crate::limiter::{ceil_secs, Decision, RetryAfter};
 use crate::routes::HeaderFlags;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -74,8 +74,12 @@ pub fn ietf_state(decision: &Decision) -> String {
 }
 
 /// Whole seconds to wait: the wait rounded up, never earlier than the violated limits' `t`,
-/// and at least 1.
-pub fn retry_after_secs(decision: &Decision) -> u64 {
+/// and at least 1. `None` when no wait makes the request pass (its cost exceeds a limit's
+/// capacity): such a 429 carries no `Retry-After`.
+pub fn retry_after_secs(decision: &Decision) -> Option<u64> {
+    if decision.retry_after() == RetryAfter::Never {
+        return None;
+    }
     let t = decision
         .statuses
         .iter()
@@ -83,20 +87,42 @@ pub fn retry_after_secs(decision: &Decision) -> u64 {
         .map(|s| ceil_secs(s.outcome.next_token_ns))
         .max()
         .unwrap_or(0);
-    ceil_secs(decision.retry_after_ns).max(t).max(1)
+    Some(ceil_secs(decision.retry_after_ns).max(t).max(1))
 }
 
-/// The RFC 9457 body of a 429.
+/// Why a request can never pass, for the problem `detail`.
+fn capacity_detail(decision: &Decision) -> Option<String> {
+    let mut parts = decision.exceeds_capacity.iter().map(|e| {
+        format!(
+            "cost {} exceeds the capacity {} of limit \"{}\": it can never be admitted",
+            e.cost, e.capacity, e.limit
+        )
+    });
+    let first = parts.next()?;
+    Some(parts.fold(first, |all, p| all + "; " + &p))
+}
+
+/// The RFC 9457 body of a 429. `retry_after_ms` is null, and `detail` says why, when no wait
+/// makes the request pass.
 pub fn problem_body(route: &str, decision: &Decision) -> Bytes {
-    let body = serde_json::json!({
+    let retry_after_ms = match decision.retry_after() {
+        RetryAfter::Never => None,
+        RetryAfter::Admitted | RetryAfter::After(_) => {
+            Some(decision.retry_after_ns.div_ceil(1_000_000))
+        }
+    };
+    let mut body = serde_json::json!({
         "type": QUOTA_EXCEEDED,
         "title": "Too Many Requests",
         "status": 429,
         "error": "rate_limited",
         "violated-policies": decision.violated.iter().map(|n| n.as_ref()).collect::<Vec<_>>(),
         "route": route,
-        "retry_after_ms": decision.retry_after_ns.div_ceil(1_000_000),
+        "retry_after_ms": retry_after_ms,
     });
+    if let (Some(detail), Some(map)) = (capacity_detail(decision), body.as_object_mut()) {
+        map.insert("detail".into(), detail.into());
+    }
     Bytes::from(body.to_string())
 }
 
@@ -109,7 +135,9 @@ pub fn too_many_requests(
     let body = problem_body(route, decision);
     let mut resp = ResponseHeader::build(429, Some(8))?;
     add_rate_limit_headers(&mut resp, decision, flags)?;
-    resp.insert_header("Retry-After", retry_after_secs(decision).to_string())?;
+    if let Some(secs) = retry_after_secs(decision) {
+        resp.insert_header("Retry-After", secs.to_string())?;
+    }
     resp.insert_header("Content-Type", PROBLEM_JSON)?;
     resp.insert_header("Content-Length", body.len().to_string())?;
     resp.insert_header("Cache-Control", "no-store")?;
@@ -166,6 +194,7 @@ mod tests {
             ],
             violated: vec![],
             retry_after_ns: 0,
+            exceeds_capacity: vec![],
         };
         assert_eq!(
             ietf_policy(&d),
@@ -185,13 +214,48 @@ mod tests {
             ],
             violated: vec![Arc::from("per-ip")],
             retry_after_ns: 1_200_000_000,
+            exceeds_capacity: vec![],
         };
-        assert_eq!(retry_after_secs(&d), 2);
+        assert_eq!(retry_after_secs(&d), Some(2));
         let body: serde_json::Value =
             serde_json::from_slice(&problem_body("login", &d)).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(body["violated-policies"], serde_json::json!(["per-ip"]));
         assert_eq!(body["retry_after_ms"], 1200);
         assert_eq!(body["route"], "login");
         assert_eq!(body["status"], 429);
+        assert!(body.get("detail").is_none());
+    }
+
+    #[test]
+    fn a_cost_beyond_capacity_has_no_retry_after() {
+        let d = Decision {
+            allowed: false,
+            statuses: vec![status("per-ip", 20, 20, false)],
+            violated: vec![Arc::from("per-ip")],
+            retry_after_ns: 0,
+            exceeds_capacity: vec![crate::limiter::CapacityExceeded {
+                limit: Arc::from("per-ip"),
+                cost: u64::MAX,
+                capacity: 20,
+            }],
+        };
+        assert_eq!(retry_after_secs(&d), None);
+        let (resp, body) = too_many_requests(
+            "login",
+            &d,
+            HeaderFlags {
+                legacy: true,
+                ietf: true,
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(resp.headers.get("retry-after").is_none());
+        let body: serde_json::Value =
+            serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}"));
+        assert!(body["retry_after_ms"].is_null());
+        assert_eq!(
+            body["detail"],
+            "cost 18446744073709551615 exceeds the capacity 20 of limit \"per-ip\": it can never be admitted"
+        );
     }
 }
