@@ -1,8 +1,10 @@
-//! The deny cache: a bucket that denied a request of cost `c` cannot admit cost `c` again
-//! before its retry time — tokens only refill with time, and other gateways only take tokens.
-//! Only an admin reset or a config change can add tokens early, and both invalidate the cache.
-//! So while a denial is cached, a request for that bucket with at least that cost is denied
-//! here, without a Redis call. Bounded and sharded like the memory store.
+//! The deny cache: a bucket that denied a request of cost `c` will usually not admit cost `c`
+//! again before its retry time, so for a short while a request for that bucket with at least
+//! that cost is denied here, without a Redis call. Tokens can come back early without this
+//! gateway seeing it (an admin reset through another instance, a Cluster refund, Redis flushed
+//! or restarted empty), so a denial is served from memory for at most [`MAX_AGE`] (and never
+//! past its retry time): an answer from the cache is never wrong for longer than that. A local
+//! reset or a config change forgets at once. Bounded and sharded like the memory store.
 
 use super::clock::Clock;
 use super::{BucketOutcome, BucketRequest};
@@ -14,10 +16,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 const SHARDS: usize = 16;
 
+/// The longest a denial is answered from memory before Redis is asked again.
+pub const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug, Clone)]
 struct Entry {
-    /// The bucket cannot admit `cost` before this time.
+    /// Served from the cache until this time (the retry time, at most [`MAX_AGE`] away).
     until_ns: u64,
+    /// The bucket cannot admit `cost` before this time (as Redis said).
+    retry_at_ns: u64,
     cost: u64,
     cached_at_ns: u64,
     /// Every bucket's outcome in the denied decision (for the 429's headers).
@@ -82,7 +89,11 @@ impl DenyCache {
                         allowed: o.allowed,
                         remaining: o.remaining,
                         reset_ns: o.reset_ns.saturating_sub(elapsed),
-                        retry_ns: if o.allowed { 0 } else { hit.until_ns - now },
+                        retry_ns: if o.allowed {
+                            0
+                        } else {
+                            hit.retry_at_ns.saturating_sub(now).max(1)
+                        },
                         next_token_ns: o.next_token_ns.saturating_sub(elapsed).max(1),
                     },
                     // Not part of the cached decision: reported as untouched.
@@ -124,7 +135,8 @@ impl DenyCache {
             shard.insert(
                 r.key.clone(),
                 Entry {
-                    until_ns: now.saturating_add(o.retry_ns),
+                    until_ns: now.saturating_add(o.retry_ns.min(MAX_AGE.as_nanos() as u64)),
+                    retry_at_ns: now.saturating_add(o.retry_ns),
                     cost: r.cost,
                     cached_at_ns: now,
                     snapshot: snapshot.clone(),
@@ -191,6 +203,26 @@ mod tests {
         clock.advance_ns(10_000);
         assert!(cache.check(&[req("b", 2)]).is_none(), "expired");
         assert_eq!(cache.hits(), 1);
+    }
+
+    #[test]
+    fn a_long_denial_is_served_for_at_most_max_age_with_its_real_retry() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let cache = DenyCache::new(1000, clock.clone());
+        let hour = 3_600_000_000_000;
+        cache.remember(&[req("a", 1)], &[denied(hour)]);
+        let hit = cache.check(&[req("a", 1)]).expect("cached");
+        assert_eq!(
+            hit[0].retry_ns, hour,
+            "the real retry time, not the cache's age"
+        );
+        clock.advance_ns(MAX_AGE.as_nanos() as u64 - 1);
+        assert!(cache.check(&[req("a", 1)]).is_some());
+        clock.advance_ns(1);
+        assert!(
+            cache.check(&[req("a", 1)]).is_none(),
+            "after MAX_AGE Redis is asked again"
+        );
     }
 
     #[test]

@@ -117,8 +117,12 @@ impl Upstream {
     }
 }
 
+/// The gateway binary under test: this build's, or `TOLLGATE_BIN` when set (to run a test
+/// against another build, e.g. to see a new test fail on an older release).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_tollgate"))
+    std::env::var_os("TOLLGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tollgate")))
 }
 
 /// The gateway binary running a config; killed on drop if still running.
@@ -161,9 +165,46 @@ impl Gateway {
         Gateway::launch(proxy, admin, dir, config_path, wrapper, env).await
     }
 
+    /// As [`Gateway::start`], but returns as soon as the proxy port accepts a connection,
+    /// without waiting for `/ready`: traffic arrives the moment the listener opens, as a load
+    /// balancer's would.
+    pub async fn start_hot(yaml: &str, upstream: SocketAddr) -> Gateway {
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = yaml
+            .replace("{PROXY}", &proxy.to_string())
+            .replace("{ADMIN}", &admin.to_string())
+            .replace("{UPSTREAM}", &upstream.to_string());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, text).expect("write config");
+        let gw = Gateway::spawn(proxy, admin, dir, config_path, &[], &[]);
+        wait_until(
+            "the proxy listener",
+            Duration::from_secs(20),
+            || async move { tokio::net::TcpStream::connect(proxy).await.is_ok() },
+        )
+        .await;
+        gw
+    }
+
     /// Runs the binary on `config_path` (under `wrapper`, with `env`), logging into `dir`,
     /// and waits for `/ready`.
     async fn launch(
+        proxy: SocketAddr,
+        admin: SocketAddr,
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> Gateway {
+        let gw = Gateway::spawn(proxy, admin, dir, config_path, wrapper, env);
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Runs the binary on `config_path` (under `wrapper`, with `env`), logging into `dir`.
+    fn spawn(
         proxy: SocketAddr,
         admin: SocketAddr,
         dir: tempfile::TempDir,
@@ -193,15 +234,13 @@ impl Gateway {
             .stderr(log)
             .spawn()
             .expect("spawn tollgate");
-        let gw = Gateway {
+        Gateway {
             child,
             proxy,
             admin,
             dir,
             config_path,
-        };
-        gw.wait_ready().await;
-        gw
+        }
     }
 
     /// Starts the gateway on an existing config file (its addresses already filled in).

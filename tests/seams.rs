@@ -1,0 +1,319 @@
+//! Exactness at the seams, with the DEFAULT Redis budget (`timeout_ms: 20`): a freshly started
+//! instance under concurrent load, a reload that switches the store, a reset or a flush that
+//! another instance did not see, and a Redis stall that must not charge a request twice.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::redis::{RedisCluster, RedisProcess};
+use common::{client, wait_until, Gateway, Upstream};
+use std::time::{Duration, Instant};
+
+/// A Redis-store gateway with every default (timeout 20 ms, fallback local), one route whose
+/// limit is keyed on `x-user`.
+fn yaml(store: &str, fallback: &str, burst: u32) -> String {
+    format!(
+        r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+store: {store}
+breaker: {{ fallback: {fallback} }}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes:
+  - {{ name: r, upstream: app, limits: [ {{ name: per-user, key: ["header:x-user"], rate: "1/h", burst: {burst} }} ] }}
+"#
+    )
+}
+
+fn standalone(url: &str) -> String {
+    format!(r#"{{ kind: redis, redis: {{ urls: ["{url}"] }} }}"#)
+}
+
+async fn status(gw: &Gateway, user: &str) -> u16 {
+    client()
+        .get(gw.url("/"))
+        .header("x-user", user)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// `n` requests for `user` at once; their statuses.
+async fn burst_of(gw: &Gateway, user: &str, n: usize) -> Vec<u16> {
+    let c = client();
+    let calls = (0..n).map(|_| {
+        let c = c.clone();
+        let url = gw.url("/");
+        let user = user.to_string();
+        async move {
+            c.get(url)
+                .header("x-user", user)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    futures::future::join_all(calls).await
+}
+
+fn count(statuses: &[u16], code: u16) -> usize {
+    statuses.iter().filter(|&&s| s == code).count()
+}
+
+async fn metric(gw: &Gateway, prefix: &str) -> f64 {
+    gw.metric(prefix).await.unwrap_or(0.0)
+}
+
+/// Nothing was decided by a fallback, no store call timed out, and the breaker is closed.
+async fn assert_decided_by_redis(gw: &Gateway) {
+    let fallback = metric(
+        gw,
+        r#"tollgate_requests_total{decision="fallback_allowed",route="r"}"#,
+    )
+    .await
+        + metric(
+            gw,
+            r#"tollgate_requests_total{decision="fallback_limited",route="r"}"#,
+        )
+        .await;
+    let timeouts = metric(gw, r#"tollgate_store_errors_total{kind="timeout"}"#).await;
+    let breaker = metric(gw, "tollgate_breaker_state").await;
+    assert_eq!(
+        (fallback, timeouts, breaker),
+        (0.0, 0.0, 0.0),
+        "(fallback decisions, store timeouts, breaker state); log:\n{}",
+        gw.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_instance_under_concurrent_load_admits_exactly_what_redis_allows() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let config = yaml(&standalone(&redis.url()), "local", 3);
+    let a = Gateway::start(&config, up.addr).await;
+    // alice drains her bucket through A.
+    for expected in [200, 200, 200, 429] {
+        assert_eq!(status(&a, "alice").await, expected);
+    }
+    // B starts fresh and at once takes concurrent traffic: none of it may be decided by the
+    // fallback (which would hand alice a new burst), and bob gets exactly his burst.
+    let b = Gateway::start_hot(&config, up.addr).await;
+    let (alice, bob) = tokio::join!(burst_of(&b, "alice", 12), burst_of(&b, "bob", 12));
+    assert_eq!(count(&alice, 200), 0, "alice through B: {alice:?}");
+    assert_eq!(count(&bob, 200), 3, "bob through B: {bob:?}");
+    assert_decided_by_redis(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_instance_with_fallback_deny_never_refuses_with_503() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let gw = Gateway::start_hot(&yaml(&standalone(&redis.url()), "deny", 100), up.addr).await;
+    let statuses = burst_of(&gw, "carol", 16).await;
+    assert_eq!(count(&statuses, 200), 16, "{statuses:?}");
+    assert_decided_by_redis(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_cluster_instance_admits_exactly_the_burst() {
+    let cluster = RedisCluster::start();
+    let up = Upstream::start();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "{{ kind: redis, redis: {{ mode: cluster, urls: [{}] }} }}",
+        urls.join(", ")
+    );
+    let gw = Gateway::start_hot(&yaml(&store, "local", 5), up.addr).await;
+    let statuses = burst_of(&gw, "dave", 12).await;
+    assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
+    assert_decided_by_redis(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_switches_to_redis_connects_before_the_swap() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let memory = yaml("{ kind: memory }", "local", 4);
+    let gw = Gateway::start(&memory, up.addr).await;
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let switched = text.replace("{ kind: memory }", &standalone(&redis.url()));
+    std::fs::write(&gw.config_path, switched).unwrap();
+    wait_until("the reload", Duration::from_secs(10), || async {
+        metric(&gw, "tollgate_config_generation").await >= 2.0
+    })
+    .await;
+    // The first decision after the swap is Redis's, not the fallback's.
+    let check = client()
+        .post(gw.admin_url("/v1/check"))
+        .json(&serde_json::json!({"route": "r", "key": {"header:x-user": "erin"}}))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(check["decided_by"], "redis", "{check}");
+    let statuses = burst_of(&gw, "frank", 12).await;
+    assert_eq!(count(&statuses, 200), 4, "{statuses:?}");
+    assert_decided_by_redis(&gw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_redis_at_start_up_starts_degraded_after_the_wait_and_says_so() {
+    let up = Upstream::start();
+    let dead = common::free_port();
+    let store = format!(
+        r#"{{ kind: redis, redis: {{ urls: ["redis://127.0.0.1:{dead}"], startup_wait_ms: 300 }} }}"#
+    );
+    let config = yaml(&store, "local", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = format!("127.0.0.1:{}", common::free_port());
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    let path = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &path,
+        config
+            .replace("{PROXY}", &proxy)
+            .replace("{ADMIN}", &admin)
+            .replace("{UPSTREAM}", &up.addr.to_string()),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = std::process::Command::new(common::bin())
+        .arg("--config")
+        .arg(&path)
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let ready_url = format!("http://{admin}/ready");
+    let mut body = serde_json::Value::Null;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(r) = reqwest::get(&ready_url).await {
+            body = r.json().await.unwrap_or_default();
+            if body["status"] == "degraded" {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert_eq!(body["store_connect"], "degraded", "{body}");
+    // Degraded, the proxy serves, decided by the local fallback.
+    wait_until("the proxy listener", Duration::from_secs(5), || async {
+        tokio::net::TcpStream::connect(&proxy).await.is_ok()
+    })
+    .await;
+    let r = client()
+        .get(format!("http://{proxy}/"))
+        .header("x-user", "gina")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert!(text.contains("start-up wait"), "{text}");
+}
+
+/// Polls `user` through `gw` until a 200; how long it took.
+async fn time_to_admit(gw: &Gateway, user: &str, limit: Duration) -> Duration {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if status(gw, user).await == 200 {
+            return start.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{user} still denied after {limit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_through_another_instance_or_a_flush_takes_effect_within_a_second() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let config = yaml(&standalone(&redis.url()), "local", 2);
+    let a = Gateway::start(&config, up.addr).await;
+    let b = Gateway::start(&config, up.addr).await;
+    for user in ["hank", "ivy"] {
+        for expected in [200, 200, 429, 429] {
+            assert_eq!(status(&a, user).await, expected);
+        }
+    }
+    // hank is reset through B; A had his denial cached (retry in about an hour).
+    let reset = client()
+        .delete(b.admin_url("/v1/limits/r/per-user?key=hank"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reset.status(), 200);
+    let took = time_to_admit(&a, "hank", Duration::from_secs(5)).await;
+    assert!(
+        took <= Duration::from_millis(1300),
+        "A admitted hank after {took:?}"
+    );
+    // Redis loses everything (restart empty, FLUSHALL): ivy's bucket is full again.
+    assert_eq!(redis.cli(&["FLUSHALL"]).as_deref(), Some("OK"));
+    let took = time_to_admit(&a, "ivy", Duration::from_secs(5)).await;
+    assert!(
+        took <= Duration::from_millis(1300),
+        "A admitted ivy after {took:?}"
+    );
+    // And a flood of one denied key still costs Redis almost nothing.
+    for _ in 0..2 {
+        status(&a, "jack").await;
+    }
+    let before = redis.evalsha_calls();
+    let statuses = burst_of(&a, "jack", 200).await;
+    assert_eq!(count(&statuses, 429), 200);
+    let calls = redis.evalsha_calls() - before;
+    assert!(calls <= 10, "{calls} Redis calls for 200 denials");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_fallback_answered_during_a_stall_is_not_charged_again_later() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let gw = Gateway::start(&yaml(&standalone(&redis.url()), "local", 5), up.addr).await;
+    // Every proxy thread has decided through Redis at least once.
+    for _ in 0..20 {
+        status(&gw, "warm-up").await;
+    }
+    assert_eq!(status(&gw, "kim").await, 200);
+    redis.signal("STOP");
+    // Three requests during the stall: each waits its 20 ms, then the local fallback admits it.
+    for _ in 0..3 {
+        assert_eq!(status(&gw, "kim").await, 200);
+    }
+    redis.signal("CONT");
+    // The three queued decisions reach Redis now, long after their deadline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peek = client()
+        .get(gw.admin_url("/v1/limits/r/per-user?key=kim"))
+        .send()
+        .await
+        .unwrap()
+        .json::<serde_json::Value>()
+        .await
+        .unwrap();
+    assert_eq!(
+        peek["tokens"], 4,
+        "only the request Redis decided is charged in Redis: {peek}"
+    );
+    assert_eq!(
+        metric(
+            &gw,
+            r#"tollgate_requests_total{decision="fallback_allowed",route="r"}"#
+        )
+        .await,
+        3.0
+    );
+}
