@@ -243,6 +243,10 @@ async fn a_reset_through_another_instance_or_a_flush_takes_effect_within_a_secon
     let config = yaml(&standalone(&redis.url()), "local", 2);
     let a = Gateway::start(&config, up.addr).await;
     let b = Gateway::start(&config, up.addr).await;
+    // Every proxy thread has decided through Redis at least once.
+    for _ in 0..20 {
+        status(&a, "warm-up").await;
+    }
     for user in ["hank", "ivy"] {
         for expected in [200, 200, 429, 429] {
             assert_eq!(status(&a, user).await, expected);
@@ -288,6 +292,11 @@ async fn a_request_the_fallback_answered_during_a_stall_is_not_charged_again_lat
         status(&gw, "warm-up").await;
     }
     assert_eq!(status(&gw, "kim").await, 200);
+    let fallback_before = metric(
+        &gw,
+        r#"tollgate_requests_total{decision="fallback_allowed",route="r"}"#,
+    )
+    .await;
     redis.signal("STOP");
     // Three requests during the stall: each waits its 20 ms, then the local fallback admits it.
     for _ in 0..3 {
