@@ -6,7 +6,7 @@
 use crate::config::model::{Fallback, StoreKindConfig};
 use crate::keys;
 use crate::limiter::decider::Verdict;
-use crate::limiter::plan::{self, bucket_key, Decision};
+use crate::limiter::plan::{self, bucket_key, Decision, RetryAfter};
 use crate::limiter::slot::Readiness;
 use crate::limiter::{ceil_secs, BucketRequest, Limit};
 use crate::state::Shared;
@@ -277,7 +277,13 @@ impl AdminApp {
                 None => (k, v),
             })
             .collect();
-        let plan = plan::plan_from_sources(route, &given, req.cost, config.client_ip.ipv6_prefix);
+        let plan = plan::plan_from_sources(
+            &route.name,
+            &route.limits,
+            &given,
+            req.cost,
+            config.client_ip.ipv6_prefix,
+        );
         let slot = self.shared.store();
         let verdict = self
             .shared
@@ -316,7 +322,12 @@ impl AdminApp {
                 "route": &*route.name,
                 "allowed": decision.allowed,
                 "violated-policies": decision.violated.iter().map(|n| &**n).collect::<Vec<_>>(),
-                "retry_after_ms": ms(decision.retry_after_ns),
+                // null: the cost exceeds a limit's capacity and can never pass.
+                "retry_after_ms": match decision.retry_after() {
+                    RetryAfter::Never => Value::Null,
+                    RetryAfter::Admitted => Value::from(0),
+                    RetryAfter::After(ns) => Value::from(ms(ns)),
+                },
                 "decided_by": decided_by,
                 "limits": limits,
             }),

@@ -104,6 +104,16 @@ async fn check_decides_for_callers_not_behind_the_proxy() {
     assert_eq!(second["allowed"], false);
     assert_eq!(second["violated-policies"], json!(["per-ip"]));
     assert!(second["retry_after_ms"].as_u64().unwrap() > 0);
+    // A cost above the capacity can never pass: no retry time is promised.
+    let never: Value =
+        check(json!({"route": "api", "key": {"ip": "203.0.113.8"}, "cost": 1000000}))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(never["allowed"], false, "{never}");
+    assert!(never["retry_after_ms"].is_null(), "{never}");
     // The same bucket the proxy uses for that client.
     let (_, read) = get_json(gw.admin_url("/v1/limits/api/per-ip?key=203.0.113.7")).await;
     assert_eq!(read["tokens"], 2);

@@ -4,7 +4,6 @@
 
 use super::{BucketOutcome, BucketRequest, Limit, OnMissingKey, Policy};
 use crate::keys::{self, RequestView};
-use crate::routes::Route;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -51,7 +50,7 @@ impl Plan {
     }
 
     /// Adds one limit whose key value is known (`None`: its key is missing).
-    fn add(&mut self, route: &Route, limit: &Limit, value: Option<String>, cost: u64) {
+    fn add(&mut self, route: &str, limit: &Limit, value: Option<String>, cost: u64) {
         let Some(value) = value else {
             if limit.on_missing_key == OnMissingKey::Deny {
                 self.missing_denied.push((limit.name.clone(), limit.policy));
@@ -70,7 +69,7 @@ impl Plan {
             ));
         }
         self.requests.push(BucketRequest {
-            key: bucket_key(&route.name, &limit.name, &value),
+            key: bucket_key(route, &limit.name, &value),
             interval_ns: policy.rate.interval_ns(),
             burst: policy.burst,
             cost,
@@ -79,10 +78,10 @@ impl Plan {
     }
 }
 
-/// Derives every limit's key and cost for this request.
-pub fn plan(route: &Route, req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
+/// Derives every limit's key and cost for this request, for the route named `route`.
+pub fn plan(route: &str, limits: &[Limit], req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
     let mut plan = Plan::default();
-    for limit in &route.limits {
+    for limit in limits {
         let mut value = String::new();
         let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
         let present = keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut value);
@@ -100,13 +99,14 @@ pub fn plan(route: &Route, req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
 
 /// Plans a decision from key values given by source (the admin `/v1/check` call).
 pub fn plan_from_sources(
-    route: &Route,
+    route: &str,
+    limits: &[Limit],
     given: &HashMap<String, String>,
     cost: Option<u64>,
     ipv6_prefix: u8,
 ) -> Plan {
     let mut plan = Plan::default();
-    for limit in &route.limits {
+    for limit in limits {
         let mut value = String::new();
         let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
         let present =

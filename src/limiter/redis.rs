@@ -285,11 +285,18 @@ impl RedisStore {
                     ..self.caller.clone()
                 };
                 let (tx, rx) = mpsc::channel(LANE_QUEUE);
-                let connecting = lane_client.clone();
+                let warming = caller.clone();
                 joins.push(handle.spawn(async move {
-                    // Spawns the connection task on this runtime (the lane's thread).
-                    let _task = connecting.connect();
-                    connecting.wait_for_connect().await.map_err(fred_error)
+                    // Spawns the connection task on this runtime (the lane's thread), then
+                    // makes one script call over it: the lane's first decision is no slower
+                    // than any other.
+                    let _task = warming.client.connect();
+                    warming
+                        .client
+                        .wait_for_connect()
+                        .await
+                        .map_err(fred_error)?;
+                    warming.time().await
                 }));
                 handle.spawn(run_batcher(caller, rx));
                 lanes.push(Arc::new(Lane {

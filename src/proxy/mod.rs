@@ -123,7 +123,12 @@ impl ProxyHttp for Gateway {
                 client_ip,
                 path_params: captures.as_ref(),
             };
-            let plan = plan::plan(&route, &view, config.client_ip.ipv6_prefix);
+            let plan = plan::plan(
+                &route.name,
+                &route.limits,
+                &view,
+                config.client_ip.ipv6_prefix,
+            );
             let slot = self.shared.store();
             match self
                 .shared
