@@ -238,3 +238,68 @@ async fn in_flight_requests_finish_on_the_config_they_started_with() {
         "with its limit's headers"
     );
 }
+
+fn versioned(gw: &Gateway, v: usize) -> String {
+    rewrite(
+        gw,
+        &format!("  - {{ name: v{v}, match: {{ path_prefix: \"/v{v}\" }}, upstream: app }}\n"),
+    )
+}
+
+/// Issue 9: a change taken by the debouncer was dropped when the supervisor's 1 s sampling
+/// tick won its `select!`. Edits spaced 0.4-1.1 s apart land at every phase of that tick;
+/// every one must be applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_edit_is_applied_even_near_the_sampling_tick() {
+    const EDITS: usize = 25;
+    let up = Upstream::start();
+    let gw = Gateway::start(&with_routes(ONE), up.addr).await;
+    for v in 1..=EDITS {
+        std::fs::write(&gw.config_path, versioned(&gw, v)).unwrap();
+        // 400..1100 ms, spread over the phases of the 1 s tick.
+        let gap = 400 + (v * 373) % 700;
+        tokio::time::sleep(Duration::from_millis(gap as u64)).await;
+    }
+    wait_generation(&gw, 1.0 + EDITS as f64).await;
+    assert_eq!(status(&gw, &format!("/v{EDITS}")).await, 200);
+    assert_eq!(status(&gw, &format!("/v{}", EDITS - 1)).await, 404);
+    assert_eq!(
+        gw.metric(r#"tollgate_config_reloads_total{result="ok"}"#)
+            .await,
+        Some(EDITS as f64)
+    );
+    assert_eq!(
+        gw.metric(r#"tollgate_config_reloads_total{result="error"}"#)
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
+/// Several writes inside the debounce window: the last text is the one in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_ends_with_the_last_text_in_force() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&with_routes(ONE), up.addr).await;
+    for round in 0..3 {
+        for v in 1..=6 {
+            std::fs::write(&gw.config_path, versioned(&gw, round * 10 + v)).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let last = format!("/v{}", round * 10 + 6);
+        wait_until(
+            "the last write of the burst in force",
+            Duration::from_secs(10),
+            || {
+                let gw = &gw;
+                let last = last.clone();
+                async move { status(gw, &last).await == 200 }
+            },
+        )
+        .await;
+        // Let the round settle across a sampling tick before the next burst.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(status(&gw, &last).await, 200, "still in force");
+    }
+    assert!(generation(&gw).await >= 4.0);
+}
