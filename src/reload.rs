@@ -30,7 +30,10 @@ enum Read {
     /// The file is gone (mid-rename, or deleted) and a watch event asked: wait for the next.
     Absent(ConfigError),
     Failed(ConfigError),
-    Text { text: String, digest: u64 },
+    Text {
+        text: String,
+        digest: u64,
+    },
 }
 
 /// Reloads one config file into one [`Shared`].

@@ -96,11 +96,7 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
-        config: Config,
-        store: StoreSlot,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Shared> {
+    pub fn new(config: Config, store: StoreSlot, metrics: Arc<Metrics>) -> Arc<Shared> {
         let clock = Arc::new(MonotonicClock::new());
         let breaker = Arc::new(Breaker::new(
             &config.breaker,

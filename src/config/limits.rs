@@ -94,7 +94,8 @@ fn check_depth(text: &str) -> Result<(), Problem> {
                 Some(_) => {}
                 None => match c {
                     '"' | '\''
-                        if prev.is_none_or(|p| p.is_whitespace() || matches!(p, '[' | '{' | ',')) =>
+                        if prev
+                            .is_none_or(|p| p.is_whitespace() || matches!(p, '[' | '{' | ',')) =>
                     {
                         quote = Some(c)
                     }
@@ -116,7 +117,8 @@ fn check_depth(text: &str) -> Result<(), Problem> {
         }
         if quote.is_none() && flow == 0 {
             let content = body[..content_end].trim_end();
-            let indicator = content.trim_end_matches(|c: char| c == '+' || c == '-' || c.is_ascii_digit());
+            let indicator =
+                content.trim_end_matches(|c: char| c == '+' || c == '-' || c.is_ascii_digit());
             if indicator.ends_with('|') || indicator.ends_with('>') {
                 block_scalar = Some(indent);
             }
@@ -221,6 +223,9 @@ mod tests {
     #[test]
     fn size_cap() {
         let text = "#".repeat(MAX_CONFIG_BYTES + 1);
-        assert!(check(&text).unwrap_err().message.contains("the limit is 4194304 bytes"));
+        assert!(check(&text)
+            .unwrap_err()
+            .message
+            .contains("the limit is 4194304 bytes"));
     }
 }
