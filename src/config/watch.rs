@@ -74,12 +74,8 @@ pub fn watch(file: &Path) -> Result<ConfigWatcher, notify::Error> {
 /// event receiver, so nothing it has taken can be dropped by a caller's `select!`.
 async fn debounce(mut events: mpsc::UnboundedReceiver<()>, settled: mpsc::Sender<()>) {
     while events.recv().await.is_some() {
-        loop {
-            match tokio::time::timeout(DEBOUNCE, events.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) | Err(_) => break,
-            }
-        }
+        // More events within DEBOUNCE restart the wait; quiet (or a closed channel) ends it.
+        while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
         match settled.try_send(()) {
             // Full: a change is already pending; the reload will read the latest text.
             Ok(()) | Err(mpsc::error::TrySendError::Full(())) => {}
