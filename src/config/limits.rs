@@ -84,6 +84,8 @@ fn check_depth(text: &str) -> Result<(), Problem> {
             }
         }
         let mut prev: Option<char> = None;
+        // The last non-blank character before this one on the line.
+        let mut token_before: Option<char> = None;
         let mut escaped = false;
         let mut content_end = body.len();
         for (i, c) in body.char_indices() {
@@ -93,9 +95,10 @@ fn check_depth(text: &str) -> Result<(), Problem> {
                 Some(q) if c == q => quote = None,
                 Some(_) => {}
                 None => match c {
+                    // A quote opens a scalar only where one can start (`a: x 'y` is plain).
                     '"' | '\''
-                        if prev
-                            .is_none_or(|p| p.is_whitespace() || matches!(p, '[' | '{' | ',')) =>
+                        if token_before
+                            .is_none_or(|p| matches!(p, ':' | '-' | '?' | '[' | '{' | ',')) =>
                     {
                         quote = Some(c)
                     }
@@ -114,6 +117,9 @@ fn check_depth(text: &str) -> Result<(), Problem> {
                 },
             }
             prev = Some(c);
+            if !c.is_whitespace() {
+                token_before = Some(c);
+            }
         }
         if quote.is_none() && flow == 0 {
             let content = body[..content_end].trim_end();
@@ -195,6 +201,14 @@ mod tests {
         assert!(p.message.contains("nested deeper than 64"), "{p}");
         let ok = format!("b: {}{}\n", "[".repeat(60), "]".repeat(60));
         assert_eq!(check(&ok), Ok(()));
+    }
+
+    #[test]
+    fn a_quote_inside_a_plain_scalar_does_not_hide_nesting() {
+        let text = format!("a: x 'y\nb: {}{}\n", "[".repeat(100), "]".repeat(100));
+        assert!(check(&text).is_err());
+        let text = format!("a: \"x [ y\"\nb: {}{}\n", "[".repeat(100), "]".repeat(100));
+        assert!(check(&text).is_err());
     }
 
     #[test]
