@@ -10,6 +10,7 @@
 //! - [`admin`]: health, readiness and metrics on the admin listener.
 //! - [`metrics`]: every Prometheus family, registered once.
 //! - [`state`]: the config generation in force, the store, in-flight requests.
+//! - [`reload`]: read, validate (off the async runtimes), build and swap a new config.
 //! - [`server`]: assembling Pingora services, signals, graceful drain.
 //! - [`demo`]: the embedded default and its built-in upstream.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -21,6 +22,7 @@ pub mod keys;
 pub mod limiter;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod state;

@@ -1,5 +1,5 @@
 //! Server assembly and lifecycle: builds the store, metrics and shared state, wires the Pingora
-//! services (proxy, admin, optional demo upstream, SIGHUP reloader), and runs them until
+//! services (proxy, admin, optional demo upstream, the supervisor that runs the reloader), and runs them until
 //! SIGTERM/SIGINT, then drains in-flight requests (bounded by `server.drain_timeout_ms`).
 
 use crate::admin::AdminApp;
@@ -9,7 +9,8 @@ use crate::limiter::slot::{DecisionThread, StoreSlot};
 use crate::limiter::StoreError;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
-use crate::state::{ReloadTrigger, Shared};
+use crate::reload::Reloader;
+use crate::state::Shared;
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
@@ -40,13 +41,10 @@ pub struct RunOptions {
 }
 
 /// Builds the shared state for a config: store, metrics.
-pub fn build_shared(
-    config: Config,
-    config_path: Option<PathBuf>,
-) -> Result<Arc<Shared>, ServerError> {
+pub fn build_shared(config: Config) -> Result<Arc<Shared>, ServerError> {
     let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
     let store = StoreSlot::build(&config.store)?;
-    Ok(Shared::new(config, store, metrics, config_path))
+    Ok(Shared::new(config, store, metrics))
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. Returns after the drain.
@@ -54,7 +52,8 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
     let listen = opts.config.listen.clone();
     let admin_listen = opts.config.admin.listen;
     let settings = opts.config.server;
-    let shared = build_shared(opts.config, opts.config_path)?;
+    let shared = build_shared(opts.config)?;
+    let reloader = Reloader::new(shared.clone(), opts.config_path);
 
     let threads = match settings.threads {
         0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -96,6 +95,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
         "store connection and config reload",
         Supervisor {
             shared: shared.clone(),
+            reloader: std::sync::Mutex::new(Some(reloader)),
         },
     ));
 
@@ -233,48 +233,29 @@ fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) 
     });
 }
 
-/// Connects the store (its connection tasks live on this service's runtime), reloads the
-/// config file when it changes or on SIGHUP, and samples the runtime's task count.
+/// Connects the store (its connection tasks live on this service's runtime), starts the
+/// reloader ([`crate::reload`]) on the same runtime (a new store is connected there too), and
+/// samples the runtime's task count.
 struct Supervisor {
     shared: Arc<Shared>,
+    /// Taken when the service starts.
+    reloader: std::sync::Mutex<Option<Reloader>>,
 }
 
 #[async_trait]
 impl BackgroundService for Supervisor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        use tokio::signal::unix::{signal, SignalKind};
+        let reloader = self
+            .reloader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(reloader) = reloader {
+            tokio::spawn(reloader.serve(shutdown.clone()));
+        }
         let mut sample = tokio::time::interval(Duration::from_secs(1));
-        let mut watcher = match &self.shared.config_path {
-            Some(path) => match crate::config::watch::watch(path) {
-                Ok(w) => {
-                    tracing::info!(file = %path.display(), "watching the config file");
-                    Some(w)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot watch the config file; SIGHUP still reloads");
-                    None
-                }
-            },
-            None => None,
-        };
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::error!("cannot install the SIGHUP handler; reload on SIGHUP is off");
-            return;
-        };
         loop {
             tokio::select! {
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading config");
-                    let _ = self.shared.reload(ReloadTrigger::Signal).await;
-                }
-                _ = async {
-                    match watcher.as_mut() {
-                        Some(w) => w.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
-                    let _ = self.shared.reload(ReloadTrigger::FileChanged).await;
-                }
                 _ = sample.tick() => {
                     self.shared
                         .metrics

@@ -1,8 +1,9 @@
 //! Shared gateway state: the config generation in force (swapped atomically with arc-swap;
 //! requests keep the generation they started with), the bucket store, the metrics, and the
-//! count of requests in flight that graceful shutdown waits for.
+//! count of requests in flight that graceful shutdown waits for. Only state: reading,
+//! validating and swapping in a new config is [`crate::reload`]'s job.
 
-use crate::config::{self, Config, ConfigError};
+use crate::config::Config;
 use crate::limiter::breaker::Breaker;
 use crate::limiter::clock::MonotonicClock;
 use crate::limiter::decider::Decider;
@@ -12,10 +13,8 @@ use crate::limiter::slot::{DecisionThreads, StoreSlot};
 use crate::limiter::StoreKind;
 use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Most denials the deny cache remembers at once.
 pub const DENY_CACHE_CAPACITY: usize = 100_000;
@@ -30,29 +29,10 @@ pub struct Shared {
     pub threads: DecisionThreads,
     pub metrics: Arc<Metrics>,
     in_flight: AtomicUsize,
-    /// The file the config came from, for reloads (none for the embedded demo).
-    pub config_path: Option<PathBuf>,
-    /// Digest of the config text last loaded or rejected (a watch event that changed nothing
-    /// does not reload, and a bad file is reported once, not once per event).
-    last_digest: std::sync::Mutex<Option<u64>>,
-}
-
-/// Why a reload was asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReloadTrigger {
-    /// SIGHUP: always reload.
-    Signal,
-    /// The file watcher: reload only if the text changed.
-    FileChanged,
 }
 
 impl Shared {
-    pub fn new(
-        config: Config,
-        store: StoreSlot,
-        metrics: Arc<Metrics>,
-        config_path: Option<PathBuf>,
-    ) -> Arc<Shared> {
+    pub fn new(config: Config, store: StoreSlot, metrics: Arc<Metrics>) -> Arc<Shared> {
         let clock = Arc::new(MonotonicClock::new());
         let breaker = Arc::new(Breaker::new(
             &config.breaker,
@@ -74,13 +54,6 @@ impl Shared {
             threads: DecisionThreads::default(),
             metrics,
             in_flight: AtomicUsize::new(0),
-            last_digest: std::sync::Mutex::new(
-                config_path
-                    .as_deref()
-                    .and_then(|p| config::read(p).ok())
-                    .map(|t| config::digest(&t)),
-            ),
-            config_path,
         });
         shared.metrics.config_generation.set(1);
         shared.touch_metrics();
@@ -113,90 +86,10 @@ impl Shared {
         generation
     }
 
-    /// Re-reads the config file; an invalid file leaves the running config in force. When the
-    /// `store` section changed, the new store is built and connected first, then swapped in
-    /// with the config; requests in flight finish on the old one, which is closed afterwards.
-    pub async fn reload(&self, trigger: ReloadTrigger) -> Result<u64, ConfigError> {
-        let Some(path) = &self.config_path else {
-            return Ok(self.generation());
-        };
-        let text = match config::read(path) {
-            Ok(text) => text,
-            Err(e) if trigger == ReloadTrigger::FileChanged && !path.exists() => {
-                // Mid-rename, or deleted: keep serving and wait for the next event.
-                tracing::debug!(error = %e, "config file absent; waiting for it to reappear");
-                return Ok(self.generation());
-            }
-            Err(e) => return Err(self.rejected(e)),
-        };
-        let digest = config::digest(&text);
-        {
-            let mut last = self.last_digest.lock().unwrap_or_else(|p| p.into_inner());
-            if trigger == ReloadTrigger::FileChanged && *last == Some(digest) {
-                return Ok(self.generation());
-            }
-            *last = Some(digest);
-        }
-        let config = match config::load_text(&text, path) {
-            Ok(config) => config,
-            Err(e) => return Err(self.rejected(e)),
-        };
-        if config.store != self.store().config {
-            match StoreSlot::build(&config.store) {
-                Ok(slot) => {
-                    // Every connection a decision will use is open before the swap; a store
-                    // that cannot connect within the start-up wait is not swapped in.
-                    if let Err(e) = slot.connect(self.threads.get()).await {
-                        slot.close().await;
-                        self.metrics
-                            .config_reloads
-                            .with_label_values(&["error"])
-                            .inc();
-                        tracing::error!(error = %e, "config reload rejected: the new store did not connect within store.redis.startup_wait_ms; previous config and store kept");
-                        return Err(ConfigError::Invalid {
-                            file: path.display().to_string(),
-                            problems: vec![config::Problem::at(
-                                "store",
-                                format!("the new store did not connect: {e}"),
-                            )],
-                        });
-                    }
-                    let old = self.store.swap(Arc::new(slot));
-                    tracing::info!("store replaced after a config change");
-                    tokio::spawn(async move {
-                        // Let decisions in flight on the old store finish.
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        old.close().await;
-                    });
-                }
-                Err(e) => {
-                    self.metrics
-                        .config_reloads
-                        .with_label_values(&["error"])
-                        .inc();
-                    tracing::error!(error = %e, "config reload rejected: cannot build the new store");
-                    return Err(ConfigError::Invalid {
-                        file: path.display().to_string(),
-                        problems: vec![config::Problem::at("store", e.to_string())],
-                    });
-                }
-            }
-        }
-        let generation = self.install(config);
-        self.metrics.config_reloads.with_label_values(&["ok"]).inc();
-        tracing::info!(generation, file = %path.display(), "config reloaded");
-        Ok(generation)
-    }
-
-    fn rejected(&self, e: ConfigError) -> ConfigError {
-        self.metrics
-            .config_reloads
-            .with_label_values(&["error"])
-            .inc();
-        for line in e.lines() {
-            tracing::error!("config reload rejected, previous config kept: {line}");
-        }
-        e
+    /// Puts `slot` in use for new decisions; returns the one it replaces (requests in flight
+    /// finish on it; the caller closes it later).
+    pub fn swap_store(&self, slot: StoreSlot) -> Arc<StoreSlot> {
+        self.store.swap(Arc::new(slot))
     }
 
     fn touch_metrics(&self) {

@@ -243,3 +243,181 @@ async fn in_flight_requests_finish_on_the_config_they_started_with() {
         "with its limit's headers"
     );
 }
+
+fn versioned(gw: &Gateway, v: usize) -> String {
+    rewrite(
+        gw,
+        &format!("  - {{ name: v{v}, match: {{ path_prefix: \"/v{v}\" }}, upstream: app }}\n"),
+    )
+}
+
+/// Issue 9: a change taken by the debouncer was dropped when the supervisor's 1 s sampling
+/// tick won its `select!`. Edits spaced 0.4-1.1 s apart land at every phase of that tick;
+/// every one must be applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_edit_is_applied_even_near_the_sampling_tick() {
+    const EDITS: usize = 25;
+    let up = Upstream::start();
+    let gw = Gateway::start(&with_routes(ONE), up.addr).await;
+    for v in 1..=EDITS {
+        std::fs::write(&gw.config_path, versioned(&gw, v)).unwrap();
+        // 400..1100 ms, spread over the phases of the 1 s tick.
+        let gap = 400 + (v * 373) % 700;
+        tokio::time::sleep(Duration::from_millis(gap as u64)).await;
+    }
+    wait_generation(&gw, 1.0 + EDITS as f64).await;
+    assert_eq!(status(&gw, &format!("/v{EDITS}")).await, 200);
+    assert_eq!(status(&gw, &format!("/v{}", EDITS - 1)).await, 404);
+    assert_eq!(
+        gw.metric(r#"tollgate_config_reloads_total{result="ok"}"#)
+            .await,
+        Some(EDITS as f64)
+    );
+    assert_eq!(
+        gw.metric(r#"tollgate_config_reloads_total{result="error"}"#)
+            .await
+            .unwrap_or(0.0),
+        0.0
+    );
+}
+
+/// Several writes inside the debounce window: the last text is the one in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_ends_with_the_last_text_in_force() {
+    let up = Upstream::start();
+    let gw = Gateway::start(&with_routes(ONE), up.addr).await;
+    for round in 0..3 {
+        for v in 1..=6 {
+            std::fs::write(&gw.config_path, versioned(&gw, round * 10 + v)).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let last = format!("/v{}", round * 10 + 6);
+        wait_until(
+            "the last write of the burst in force",
+            Duration::from_secs(10),
+            || {
+                let gw = &gw;
+                let last = last.clone();
+                async move { status(gw, &last).await == 200 }
+            },
+        )
+        .await;
+        // Let the round settle across a sampling tick before the next burst.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(status(&gw, &last).await, 200, "still in force");
+    }
+    assert!(generation(&gw).await >= 4.0);
+}
+
+async fn counter(gw: &Gateway, prefix: &str) -> f64 {
+    gw.metric(prefix).await.unwrap_or(0.0)
+}
+
+/// Issue 9: parsing an 80 KB deeply nested file took seconds on the runtime that also drives
+/// the Redis Cluster client, so every decision waited past `timeout_ms` and the breaker
+/// opened. With DEFAULT settings (timeout_ms 20), the file is refused before parsing, the
+/// reload is counted as an error, the old config stays, and no request reaches the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_nested_file_is_refused_without_stalling_redis_decisions() {
+    let cluster = common::redis::RedisCluster::start();
+    let up = Upstream::start();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let yaml = format!(
+        r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+store: {{ kind: redis, redis: {{ mode: cluster, urls: [{}] }} }}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes:
+  - {{ name: r, upstream: app, limits: [ {{ name: l, key: ["header:x-user"], rate: "100000/s", burst: 100000 }} ] }}
+"#,
+        urls.join(", ")
+    );
+    let gw = Arc::new(Gateway::start(&yaml, up.addr).await);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let not_ok = Arc::new(AtomicUsize::new(0));
+    let mut load = Vec::new();
+    for t in 0..4 {
+        let (gw, stop, sent, not_ok) = (gw.clone(), stop.clone(), sent.clone(), not_ok.clone());
+        load.push(tokio::spawn(async move {
+            let c = client();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                i += 1;
+                let user = format!("u{t}-{}", i % 20);
+                let ok = matches!(
+                    c.get(gw.url("/")).header("x-user", user).send().await,
+                    Ok(r) if r.status() == 200
+                );
+                sent.fetch_add(1, Ordering::SeqCst);
+                if !ok {
+                    not_ok.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    // Warm up: each proxy thread opens its batcher connection on first use.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fallbacks = || async {
+        let mut sum = 0.0;
+        for decision in ["fallback_allowed", "fallback_limited", "fallback_denied"] {
+            sum += counter(
+                &gw,
+                &format!(r#"tollgate_requests_total{{decision="{decision}""#),
+            )
+            .await;
+        }
+        sum
+    };
+    let before = fallbacks().await;
+    assert_eq!(counter(&gw, "tollgate_breaker_state ").await, 0.0);
+    let good = std::fs::read_to_string(&gw.config_path).unwrap();
+    let nested = format!(
+        "{good}x_nested: {}{}\n",
+        "[".repeat(40_000),
+        "]".repeat(40_000)
+    );
+    std::fs::write(&gw.config_path, &nested).unwrap();
+    wait_until(
+        "the nested file to be rejected",
+        Duration::from_secs(60),
+        || {
+            let gw = gw.clone();
+            async move {
+                gw.metric(r#"tollgate_config_reloads_total{result="error"}"#)
+                    .await
+                    == Some(1.0)
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::SeqCst);
+    for t in load {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        generation(&gw).await,
+        1.0,
+        "the old config is still in force"
+    );
+    assert!(sent.load(Ordering::SeqCst) > 50);
+    assert_eq!(
+        fallbacks().await - before,
+        0.0,
+        "no decision went to the fallback during the reload"
+    );
+    assert_eq!(
+        counter(&gw, "tollgate_breaker_state ").await,
+        0.0,
+        "breaker closed"
+    );
+    assert_eq!(not_ok.load(Ordering::SeqCst), 0, "every request allowed");
+    let log = gw.log();
+    assert!(
+        log.contains("line 8 column 74: nested deeper than 64 levels (the limit)"),
+        "the log names the file's problem and line: {log}"
+    );
+    drop(cluster);
+}

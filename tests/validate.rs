@@ -111,3 +111,41 @@ fn every_shipped_config_is_valid() {
 fn batch_window_must_leave_time_for_the_call() {
     expect_problems("bad-batch-window");
 }
+
+/// Issue 9: flow nesting made the YAML scanner quadratic (80 KB took seconds); it is refused
+/// before parsing, with its line and column.
+#[test]
+fn nesting_past_the_cap_is_refused_before_parsing() {
+    let start = std::time::Instant::now();
+    expect_problems("bad-deep-nesting");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// A few KB of aliases of aliases would expand to a million nodes (gigabytes); refused.
+#[test]
+fn alias_expansion_is_bounded() {
+    let start = std::time::Instant::now();
+    expect_problems("bad-alias-bomb");
+    assert!(start.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[test]
+fn a_file_over_the_size_cap_is_refused_unparsed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.yaml");
+    let mut text = String::from("routes: []\n");
+    while text.len() <= 4 * 1024 * 1024 {
+        text.push_str("# padding padding padding padding padding padding padding padding\n");
+    }
+    std::fs::write(&path, &text).unwrap();
+    let (code, stdout) = validate(path.to_str().unwrap());
+    assert_eq!(code, 1);
+    assert_eq!(
+        stdout,
+        format!(
+            "{}: the file is {} bytes; the limit is 4194304 bytes\n",
+            path.display(),
+            text.len()
+        )
+    );
+}

@@ -1,9 +1,11 @@
 //! Configuration: reading the YAML file, validating it into the model the gateway runs on,
 //! and reporting every problem with file, field path and (for syntax errors) line and column.
 //!
-//! Parts: [`raw`] (serde wire structs), [`model`] (validated model), [`error`].
+//! Parts: [`raw`] (serde wire structs), [`model`] (validated model), [`error`], [`limits`]
+//! (size, nesting and alias caps checked before the YAML parser runs).
 
 pub mod error;
+pub mod limits;
 pub mod locate;
 pub mod model;
 pub mod raw;
@@ -14,8 +16,14 @@ pub use model::Config;
 
 use std::path::Path;
 
-/// Parses and validates YAML text; `file` names the source in messages.
+/// Parses and validates YAML text; `file` names the source in messages. The [`limits`] are
+/// checked first. Blocking and possibly slow (and validation may resolve host names): a
+/// reload runs it on the blocking pool.
 pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+    limits::check(text).map_err(|problem| ConfigError::Invalid {
+        file: file.to_string(),
+        problems: vec![problem],
+    })?;
     let raw: raw::RawConfig = serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Invalid {
         file: file.to_string(),
         problems: vec![yaml_problem(&e)],
@@ -38,12 +46,32 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     load_text(&text, path)
 }
 
-/// Reads a config file's text.
+/// Reads a config file's text; a file over [`limits::MAX_CONFIG_BYTES`] is refused unread.
 pub fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::io::Read;
+    let failed = |source| ConfigError::Read {
         file: path.display().to_string(),
         source,
-    })
+    };
+    let file = std::fs::File::open(path).map_err(failed)?;
+    let cap = limits::MAX_CONFIG_BYTES as u64;
+    let too_large = |bytes| ConfigError::Invalid {
+        file: path.display().to_string(),
+        problems: vec![limits::too_large(bytes)],
+    };
+    let size = file.metadata().map_err(failed)?.len();
+    if size > cap {
+        return Err(too_large(size));
+    }
+    let mut text = String::new();
+    // The file may grow between the size check and the read.
+    file.take(cap + 1)
+        .read_to_string(&mut text)
+        .map_err(failed)?;
+    if text.len() as u64 > cap {
+        return Err(too_large(text.len() as u64));
+    }
+    Ok(text)
 }
 
 /// Parses and validates text read from `path`, with environment overrides applied.

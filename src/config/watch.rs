@@ -2,6 +2,11 @@
 //! editors that write a temp file and rename it, in-place writes, and Kubernetes ConfigMaps
 //! (a `..data` symlink swapped atomically) are all seen. Access events (including our own
 //! reads) are ignored; bursts of events are debounced into one reload.
+//!
+//! The debounce runs in its own task, which hands each settled change to a channel of one
+//! slot: [`ConfigWatcher::changed`] only receives on that channel, so it is cancel-safe (a
+//! `select!` that drops it loses nothing), and a change signalled while the previous one is
+//! still pending merges into it (the reload reads the file as it is then).
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use std::ffi::OsString;
@@ -14,7 +19,14 @@ pub const DEBOUNCE: Duration = Duration::from_millis(150);
 
 pub struct ConfigWatcher {
     _watcher: RecommendedWatcher,
-    events: mpsc::UnboundedReceiver<()>,
+    changes: mpsc::Receiver<()>,
+    debounce: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ConfigWatcher {
+    fn drop(&mut self) {
+        self.debounce.abort();
+    }
 }
 
 fn relevant(kind: &EventKind) -> bool {
@@ -24,7 +36,8 @@ fn relevant(kind: &EventKind) -> bool {
     )
 }
 
-/// Starts watching the directory that holds `file`.
+/// Starts watching the directory that holds `file`. Must be called on a Tokio runtime (the
+/// debounce task is spawned on it).
 pub fn watch(file: &Path) -> Result<ConfigWatcher, notify::Error> {
     let dir: PathBuf = match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -48,23 +61,34 @@ pub fn watch(file: &Path) -> Result<ConfigWatcher, notify::Error> {
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    let (settled, changes) = mpsc::channel(1);
+    let debounce = tokio::spawn(debounce(events, settled));
     Ok(ConfigWatcher {
         _watcher: watcher,
-        events,
+        changes,
+        debounce,
     })
 }
 
-impl ConfigWatcher {
-    /// Waits for a change, then for [`DEBOUNCE`] of quiet.
-    pub async fn changed(&mut self) {
-        if self.events.recv().await.is_none() {
-            std::future::pending::<()>().await;
+/// Waits for an event, then for [`DEBOUNCE`] of quiet, then signals one change. Owns the raw
+/// event receiver, so nothing it has taken can be dropped by a caller's `select!`.
+async fn debounce(mut events: mpsc::UnboundedReceiver<()>, settled: mpsc::Sender<()>) {
+    while events.recv().await.is_some() {
+        // More events within DEBOUNCE restart the wait; quiet (or a closed channel) ends it.
+        while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, events.recv()).await {}
+        match settled.try_send(()) {
+            // Full: a change is already pending; the reload will read the latest text.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(())) => {}
+            Err(mpsc::error::TrySendError::Closed(())) => return,
         }
-        loop {
-            match tokio::time::timeout(DEBOUNCE, self.events.recv()).await {
-                Ok(Some(())) => continue,
-                Ok(None) | Err(_) => return,
-            }
+    }
+}
+
+impl ConfigWatcher {
+    /// Waits for a settled change. Cancel-safe.
+    pub async fn changed(&mut self) {
+        if self.changes.recv().await.is_none() {
+            std::future::pending::<()>().await;
         }
     }
 }

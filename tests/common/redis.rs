@@ -261,6 +261,22 @@ fn base_args(port: u16) -> Vec<String> {
     .collect()
 }
 
+/// A free loopback port for a Cluster node: the node also listens on port + 10000 (its bus), so
+/// both must be free and the port at most 55535; the kernel's ephemeral range goes above that.
+fn cluster_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((seed.wrapping_add(n.wrapping_mul(104_729))) % 25_000) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+}
+
 /// A real 3-master Redis Cluster on loopback.
 pub struct RedisCluster {
     pub nodes: Vec<RedisProcess>,
@@ -270,7 +286,7 @@ impl RedisCluster {
     pub fn start() -> RedisCluster {
         let nodes: Vec<RedisProcess> = (0..3)
             .map(|_| {
-                let port = free_port();
+                let port = cluster_port();
                 let dir = tempfile::tempdir().unwrap();
                 let mut args = base_args(port);
                 args.extend(
