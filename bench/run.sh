@@ -8,6 +8,7 @@
 #
 # ONLY="e f" bash bench/run.sh runs just those scenarios (ids a-h, cm, em, and the Redis Cluster
 # ones ec, fc, emc); its results are written as <date>-only-e-f.* so a full run's are kept.
+# Results go to bench/results/<date>.md, .jsonl, .svg (--quick: <date>-quick.*, not committed).
 # Bounded in time, loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -255,11 +256,11 @@ scenario emc "ec at moderate load (wrk -c4)" "$REDIS_CLUSTER" "$THREE" 4 10000 "
 
 DATE=$(date -u +%Y-%m-%d)
 SUFFIX=""
-[ "$QUICK" = 1 ] && SUFFIX="-quick"
 if [ -n "${ONLY:-}" ]; then
   read -r -a only <<<"$ONLY"
-  SUFFIX="$SUFFIX-only-$(IFS=-; echo "${only[*]}")"
+  SUFFIX="-only-$(IFS=-; echo "${only[*]}")"
 fi
+[ "$QUICK" = 1 ] && SUFFIX="$SUFFIX-quick" # ignored by git
 OUT_MD="bench/results/$DATE$SUFFIX.md"
 OUT_SVG="bench/results/$DATE$SUFFIX.svg"
 python3 bench/report.py "$RESULTS" "$OUT_MD" "$OUT_SVG"
