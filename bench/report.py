@@ -23,13 +23,14 @@ def table(rows, meta):
     out.append(f"# Tollgate benchmark, {meta['date']}\n")
     out.append(f"Machine: {meta['machine']}. Load: wrk {meta['wrk']}, {meta['seconds']} s per scenario, "
                "loopback; wrk, NGINX, Redis and the gateway share the machine's cores.\n")
-    out.append("| scenario | req/s | p50 ms | p99 ms | p99.9 ms | non-2xx | proxy CPU us/req | Redis CPU us/req | Redis cmds/req |")
-    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("| scenario | req/s | p50 ms | p99 ms | p99.9 ms | non-2xx | proxy CPU us/req | Redis CPU us/req | Redis cmds/req | EVALSHA/req |")
+    out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
+        out.append("| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
             r["name"], fmt(r["rps"], 0), fmt(r["p50_us"] / 1000, 2), fmt(r["p99_us"] / 1000, 2),
             fmt(r["p999_us"] / 1000, 2), r["non2xx"], fmt(r.get("proxy_cpu_us")),
-            fmt(r.get("redis_cpu_us")), fmt(r.get("redis_cmds"), 3)))
+            fmt(r.get("redis_cpu_us")), fmt(r.get("redis_cmds"), 3),
+            fmt(r.get("evalsha_per_req"), 3)))
     out.append("")
 
     def ratio(a, b):
@@ -56,6 +57,22 @@ def table(rows, meta):
     if "cm" in by and "em" in by:
         d = (by["em"]["p99_us"] - by["cm"]["p99_us"]) / 1000
         checks.append(("p99(e) - p99(c) at moderate load (target <= 1 ms)", fmt(d, 2) + " ms", d <= 1))
+    # Redis Cluster (3 masters; Redis CPU and calls summed over them), next to standalone.
+    ec_e = ratio("ec", "e")
+    if ec_e is not None:
+        checks.append(("ec/e throughput, Cluster vs standalone (target close to 1)", fmt(ec_e, 2), ec_e >= 0.8))
+    if "ec" in by and by["ec"].get("redis_cpu_us") is not None and by["ec"].get("redis_decisions"):
+        per = by["ec"]["redis_cpu_total_us"] / by["ec"]["redis_decisions"]
+        checks.append(("Redis CPU per decision in ec, 3 masters (target <= 10 us)", fmt(per), per <= 10))
+    if "ec" in by and by["ec"].get("evalsha_per_req") is not None:
+        v = by["ec"]["evalsha_per_req"]
+        checks.append(("Redis calls per allowed request in ec (target <= 1)", fmt(v, 3), v <= 1))
+    if "fc" in by and by["fc"].get("evalsha_per_req") is not None:
+        v = by["fc"]["evalsha_per_req"]
+        checks.append(("Redis calls per denied request in fc (target <= 0.05)", fmt(v, 4), v <= 0.05))
+    if "cm" in by and "emc" in by:
+        d = (by["emc"]["p99_us"] - by["cm"]["p99_us"]) / 1000
+        checks.append(("p99(ec) - p99(c) at moderate load (target <= 1 ms)", fmt(d, 2) + " ms", d <= 1))
     h_d = ratio("h", "d")
     if h_d is not None:
         checks.append(("h/d throughput, Redis down vs memory (target close to 1)", fmt(h_d, 2), h_d >= 0.8))
@@ -66,12 +83,14 @@ def table(rows, meta):
     out.append("")
     out.append("Columns: proxy CPU is the user+system CPU of the proxy process (NGINX for b, the "
                "gateway otherwise) divided by requests; Redis CPU and commands are deltas of "
-               "`INFO cpu` and `INFO commandstats` (INFO itself excluded) divided by requests.")
+               "`INFO cpu` and `INFO commandstats` (INFO itself excluded) divided by requests, "
+               "summed over the 3 masters in the Cluster rows (ec, fc, emc); EVALSHA/req is the "
+               "script calls alone.")
     return "\n".join(out) + "\n"
 
 
 def svg(rows):
-    width, left, bar_h, gap = 900, 300, 16, 10
+    width, left, bar_h, gap = 940, 340, 16, 10
     max_rps = max((r["rps"] for r in rows), default=1) or 1
     max_p99 = max((r["p99_us"] for r in rows), default=1) or 1
     height = 60 + len(rows) * (2 * bar_h + gap) + 20
@@ -86,7 +105,7 @@ def svg(rows):
     for r in rows:
         w1 = span * r["rps"] / max_rps
         w2 = span * r["p99_us"] / max_p99
-        parts.append(f'<text x="10" y="{y + bar_h + 4}">{r["name"][:42]}</text>')
+        parts.append(f'<text x="10" y="{y + bar_h + 4}">{r["name"][:48]}</text>')
         parts.append(f'<rect x="{left}" y="{y}" width="{w1:.1f}" height="{bar_h}" fill="#3b7dd8"/>')
         parts.append(f'<text x="{left + w1 + 5:.1f}" y="{y + 12}">{r["rps"]:,.0f}/s</text>')
         parts.append(f'<rect x="{left}" y="{y + bar_h}" width="{w2:.1f}" height="{bar_h}" fill="#e07b39"/>')

@@ -6,7 +6,9 @@
 #   bash bench/run.sh            # 10 s per scenario
 #   bash bench/run.sh --quick    # 1 s per scenario (CI: checks the suite still runs)
 #
-# ONLY="e f" bash bench/run.sh runs just those scenarios (ids a-h, cm, em).
+# ONLY="e f" bash bench/run.sh runs just those scenarios (ids a-h, cm, em, and the Redis Cluster
+# ones ec, fc, emc); its results are written as <date>-only-e-f.* so a full run's are kept.
+# Results go to bench/results/<date>.md, .jsonl, .svg (--quick: <date>-quick.*, not committed).
 # Bounded in time, loopback only; every process it starts is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +43,20 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
+# A Cluster node also listens on its port + 10000 (the cluster bus), and redis-server refuses
+# ports above 55535: pick both below the kernel's ephemeral range, where nothing is handed out.
+cluster_port() { python3 -c '
+import random, socket
+for _ in range(1000):
+    p = random.randint(20000, 22700)
+    try:
+        for q in (p, p + 10000):
+            s = socket.socket(); s.bind(("127.0.0.1", q)); s.close()
+    except OSError:
+        continue
+    print(p); break
+else:
+    raise SystemExit("no free port pair for a Cluster node")'; }
 wait_port() {
   for _ in $(seq 1 200); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
@@ -48,6 +64,7 @@ wait_port() {
   done
   echo "port $1 never opened" >&2; return 1
 }
+wants() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK=$(getconf CLK_TCK)
 
@@ -82,10 +99,46 @@ wait_port "$RP"
 python3 bench/relay.py "$SLOW" "$RP" 5 & PIDS+=($!)
 wait_port "$SLOW"
 
-rcli() { redis-cli -p "$RP" "$@"; }
-redis_cpu_us() { rcli INFO cpu | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.0f", s * 1000000}'; }
-redis_calls() { rcli INFO commandstats | awk -F'[=,:]' '/^cmdstat_/ && !/^cmdstat_info:/ {s += $3} END {print s+0}'; }
-redis_evalsha() { rcli INFO commandstats | awk -F'[=,:]' '/^cmdstat_evalsha:/ {print $3}' | grep . || echo 0; }
+# --- a 3-master Redis Cluster (only when a Cluster scenario runs) ---
+CLUSTER_PORTS=()
+if wants ec || wants fc || wants emc; then
+  for i in 1 2 3; do
+    port=$(cluster_port); dir="$WORK/cluster-$i"; mkdir -p "$dir"
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no --daemonize no \
+      --dir "$dir" --cluster-enabled yes --cluster-config-file nodes.conf \
+      --cluster-node-timeout 2000 --logfile "$dir/redis.log" & PIDS+=($!)
+    CLUSTER_PORTS+=("$port")
+  done
+  for port in "${CLUSTER_PORTS[@]}"; do wait_port "$port"; done
+  redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") \
+    --cluster-replicas 0 --cluster-yes >"$WORK/cluster-create.log" 2>&1 \
+    || { cat "$WORK/cluster-create.log" >&2; exit 1; }
+  cluster_ok() {
+    local port
+    for port in "${CLUSTER_PORTS[@]}"; do
+      redis-cli -p "$port" CLUSTER INFO | grep -q '^cluster_state:ok' || return 1
+    done
+  }
+  for _ in $(seq 1 200); do cluster_ok && break; sleep 0.1; done
+  cluster_ok || { echo "Redis Cluster never reached cluster_state:ok" >&2; exit 1; }
+fi
+
+# Redis counters summed over a list of ports (one standalone server, or every Cluster master).
+redis_cpu_us() {
+  local port
+  for port in "$@"; do redis-cli -p "$port" INFO cpu; done \
+    | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.0f", s * 1000000}'
+}
+redis_calls() {
+  local port
+  for port in "$@"; do redis-cli -p "$port" INFO commandstats; done \
+    | awk -F'[=,:]' '/^cmdstat_/ && !/^cmdstat_info:/ {s += $3} END {print s+0}'
+}
+redis_evalsha() {
+  local port
+  for port in "$@"; do redis-cli -p "$port" INFO commandstats; done \
+    | awk -F'[=,:]' '/^cmdstat_evalsha:/ {s += $3} END {print s+0}'
+}
 
 # --- gateway configs ---
 gateway_config() { # $1 = file, $2 = store yaml, $3 = limits yaml, $4 = port, $5 = admin port
@@ -106,6 +159,11 @@ CONF
 MEM='{ kind: memory }'
 REDIS="{ kind: redis, redis: { urls: [\"redis://127.0.0.1:$RP\"], timeout_ms: 50 } }"
 REDIS_SLOW="{ kind: redis, redis: { urls: [\"redis://127.0.0.1:$SLOW\"], timeout_ms: 50 } }"
+CLUSTER_URLS=""
+if [ ${#CLUSTER_PORTS[@]} -gt 0 ]; then
+  CLUSTER_URLS=$(printf '"redis://127.0.0.1:%s", ' "${CLUSTER_PORTS[@]}")
+fi
+REDIS_CLUSTER="{ kind: redis, redis: { mode: cluster, urls: [${CLUSTER_URLS%, }], timeout_ms: 50 } }"
 REDIS_DOWN="{ kind: redis, redis: { urls: [\"redis://127.0.0.1:$DEAD\"], timeout_ms: 20 } }"
 ONE='[ { name: per-ip, key: ["ip"], rate: "1000000/s", burst: 1000000 } ]'
 THREE='[ { name: per-key, key: ["header:x-key"], rate: "1000000/s", burst: 1000000 }, { name: per-ip, key: ["ip"], rate: "1000000/s", burst: 1000000 }, { name: global, key: ["literal:all"], rate: "1000000/s", burst: 1000000 } ]'
@@ -115,28 +173,33 @@ RESULTS="$WORK/results.jsonl"
 MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
 echo "{\"meta\": {\"date\": \"$(date -u +%Y-%m-%d)\", \"machine\": \"$MACHINE\", \"wrk\": \"-t1 -c$CONNS\", \"seconds\": $SECONDS_PER}}" > "$RESULTS"
 
-# run_load ID NAME URL PROXY_PID CONNS [KEYS] [KEY]
+# run_load ID NAME URL PROXY_PID CONNS [KEYS] [KEY] [REDIS_PORTS]
+# REDIS_PORTS: the servers whose CPU and commands are counted (space-separated; default the
+# standalone one).
 run_load() {
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
-  local id=$1 name=$2 url=$3 pid=$4 conns=$5 keys=${6:-0} key=${7:-}
+  wants "$1" || return 0
+  local id=$1 name=$2 url=$3 pid=$4 conns=$5 keys=${6:-0} key=${7:-} ports
+  read -r -a ports <<<"${8:-$RP}"
   # Warm up connections and caches.
   KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d1s -s bench/wrk.lua "$url" >/dev/null 2>&1 || true
   local cpu0 r_cpu0 r_calls0 r_eval0
-  cpu0=$(cpu_ticks "$pid"); r_cpu0=$(redis_cpu_us); r_calls0=$(redis_calls); r_eval0=$(redis_evalsha)
+  cpu0=$(cpu_ticks "$pid"); r_cpu0=$(redis_cpu_us "${ports[@]}"); r_calls0=$(redis_calls "${ports[@]}")
+  r_eval0=$(redis_evalsha "${ports[@]}")
   local out
   out=$(KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d"${SECONDS_PER}s" -s bench/wrk.lua "$url" | grep '^JSON ' | sed 's/^JSON //')
   local cpu1 r_cpu1 r_calls1 r_eval1
-  cpu1=$(cpu_ticks "$pid"); r_cpu1=$(redis_cpu_us); r_calls1=$(redis_calls); r_eval1=$(redis_evalsha)
-  python3 - "$id" "$name" "$out" "$cpu0" "$cpu1" "$TICK" "$r_cpu0" "$r_cpu1" "$r_calls0" "$r_calls1" "$r_eval0" "$r_eval1" >> "$RESULTS" <<'PY'
+  cpu1=$(cpu_ticks "$pid"); r_cpu1=$(redis_cpu_us "${ports[@]}"); r_calls1=$(redis_calls "${ports[@]}")
+  r_eval1=$(redis_evalsha "${ports[@]}")
+  python3 - "$id" "$name" "$out" "$cpu0" "$cpu1" "$TICK" "$r_cpu0" "$r_cpu1" "$r_calls0" "$r_calls1" "$r_eval0" "$r_eval1" "${#ports[@]}" >> "$RESULTS" <<'PY'
 import json, sys
-(id_, name, out, cpu0, cpu1, tick, rc0, rc1, calls0, calls1, ev0, ev1) = sys.argv[1:]
+(id_, name, out, cpu0, cpu1, tick, rc0, rc1, calls0, calls1, ev0, ev1, servers) = sys.argv[1:]
 w = json.loads(out)
 req = max(w["requests"], 1)
 cpu_us = (int(cpu1) - int(cpu0)) / int(tick) * 1e6
 redis_cpu = int(rc1) - int(rc0)
 evals = int(ev1) - int(ev0)
 row = {
-    "id": id_, "name": name,
+    "id": id_, "name": name, "redis_servers": int(servers),
     "rps": w["requests"] / (w["duration_us"] / 1e6),
     "p50_us": w["p50_us"], "p99_us": w["p99_us"], "p999_us": w["p999_us"],
     "non2xx": w["non2xx"], "errors": w["errors"],
@@ -164,9 +227,9 @@ UP_PID=$(cat "$WORK/nginx-up/pid"); UP_WORKER=$(pgrep -P "$UP_PID" | head -1)
 run_load a "a. upstream direct (NGINX return 200)" "http://127.0.0.1:$UP/" "$UP_WORKER" "$CONNS"
 run_load b "b. NGINX proxy_pass (reference proxy)" "http://127.0.0.1:$REF/" "$REF_WORKER" "$CONNS"
 
-scenario() { # id name store limits conns keys key
-  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $1 "* ]]; then return 0; fi
-  local id=$1 name=$2 store=$3 limits=$4 conns=$5 keys=${6:-0} key=${7:-}
+scenario() { # id name store limits conns keys key [redis ports]
+  wants "$1" || return 0
+  local id=$1 name=$2 store=$3 limits=$4 conns=$5 keys=${6:-0} key=${7:-} ports=${8:-$RP}
   local port admin cfg
   port=$(free_port); admin=$(free_port); cfg="$WORK/$id.yaml"
   gateway_config "$cfg" "$store" "$limits" "$port" "$admin"
@@ -175,7 +238,7 @@ scenario() { # id name store limits conns keys key
     # Let the breaker open first.
     KEYS=0 wrk -t1 -c4 -d1s -s bench/wrk.lua "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
   fi
-  run_load "$id" "$name" "http://127.0.0.1:$port/" "$GW_PID" "$conns" "$keys" "$key"
+  run_load "$id" "$name" "http://127.0.0.1:$port/" "$GW_PID" "$conns" "$keys" "$key" "$ports"
   stop_gateway
 }
 scenario c "c. Tollgate, route without limits" "$MEM" "[]" "$CONNS"
@@ -186,10 +249,18 @@ scenario g "g. Redis + 5 ms latency (relay)" "$REDIS_SLOW" "$THREE" "$CONNS" 100
 scenario h "h. Redis down (breaker open, local)" "$REDIS_DOWN" "$THREE" "$CONNS" 10000
 scenario cm "c at moderate load (wrk -c4)" "$MEM" "[]" 4
 scenario em "e at moderate load (wrk -c4)" "$REDIS" "$THREE" 4 10000
+CP="${CLUSTER_PORTS[*]+"${CLUSTER_PORTS[*]}"}"
+scenario ec "ec. Redis Cluster, 3 limits, 10k keys, allowed" "$REDIS_CLUSTER" "$THREE" "$CONNS" 10000 "" "$CP"
+scenario fc "fc. Redis Cluster, one key far over its limit" "$REDIS_CLUSTER" "$HOT" "$CONNS" 0 hot "$CP"
+scenario emc "ec at moderate load (wrk -c4)" "$REDIS_CLUSTER" "$THREE" 4 10000 "" "$CP"
 
 DATE=$(date -u +%Y-%m-%d)
 SUFFIX=""
-[ "$QUICK" = 1 ] && SUFFIX="-quick"
+if [ -n "${ONLY:-}" ]; then
+  read -r -a only <<<"$ONLY"
+  SUFFIX="-only-$(IFS=-; echo "${only[*]}")"
+fi
+[ "$QUICK" = 1 ] && SUFFIX="$SUFFIX-quick" # ignored by git
 OUT_MD="bench/results/$DATE$SUFFIX.md"
 OUT_SVG="bench/results/$DATE$SUFFIX.svg"
 python3 bench/report.py "$RESULTS" "$OUT_MD" "$OUT_SVG"
