@@ -2,12 +2,17 @@
 Tollgate token buckets (GCRA form). One call decides a batch of requests; each request's
 buckets are decided together, atomically and all-or-nothing, in the order given.
 
-KEYS      every bucket key of every request, in order: {prefix}{route}:{limit}:{hash-tagged value}.
-          In Redis Cluster all KEYS of one call share a slot.
+KEYS      every bucket key of every request, in order: {prefix}{route}:{limit}:{hash-tagged value}
+          (standalone, sentinel). In a Redis Cluster only the first bucket key, which routes the
+          call to its node; all the keys then come at the end of ARGV (see ARGV[3]). The Cluster
+          variant of this script starts with `#!lua flags=allow-cross-slot-keys` (Redis 7+), so
+          one call can decide buckets of several slots as long as one node serves them all.
 ARGV[1]   mode: "decide" (charge a request's buckets only if every one admits), "peek" (charge
           nothing), "refund" (give back `cost` tokens taken by an earlier "decide" whose
           request another slot denied, or whose caller had given up), or "time" (only the clock).
-ARGV[2]   D, the number of requests in the batch; then for each request:
+ARGV[2]   D, the number of requests in the batch.
+ARGV[3]   K, how many bucket keys are at the end of ARGV (0: the keys are KEYS).
+ARGV[4..] for each request:
             n        the number of its buckets
             deadline Redis TIME in microseconds after which the request is not decided (its
                      caller has given up and used the fallback): 0 for none
@@ -138,7 +143,16 @@ local function next_token(debt, interval)
 end
 
 local out = { tonumber(t[1]), tonumber(t[2]) }
-local arg = 3
+local nkeys = tonumber(ARGV[3])
+local keys = KEYS
+if nkeys > 0 then
+  keys = {}
+  local base = #ARGV - nkeys
+  for i = 1, nkeys do
+    keys[i] = ARGV[base + i]
+  end
+end
+local arg = 4
 local key = 1
 for _ = 1, decisions do
   local n = tonumber(ARGV[arg])
@@ -149,7 +163,7 @@ for _ = 1, decisions do
       local interval = tonumber(ARGV[arg + 3 * i])
       local policy = ':' .. ARGV[arg + 3 * i] .. ':' .. ARGV[arg + 3 * i + 1]
       local cost = tonumber(ARGV[arg + 3 * i + 2])
-      local k = KEYS[key + i]
+      local k = keys[key + i]
       local debt = stored_debt(k, policy)
       if debt > 0 then
         local back = cost * interval
@@ -178,7 +192,7 @@ for _ = 1, decisions do
       local cost = tonumber(ARGV[arg + 3 * i + 2])
       local policy = ':' .. ARGV[arg + 3 * i] .. ':' .. ARGV[arg + 3 * i + 1]
       local tau = interval * burst
-      local debt = stored_debt(KEYS[key + i], policy)
+      local debt = stored_debt(keys[key + i], policy)
       if debt > tau then
         debt = tau
       end
@@ -223,7 +237,7 @@ for _ = 1, decisions do
     elseif mode == 'decide' then
       for i = 0, n - 1 do
         if tonumber(ARGV[arg + 3 * i + 2]) > 0 then
-          store(KEYS[key + i], out[head + 1 + 5 * i + 2], policies[i])
+          store(keys[key + i], out[head + 1 + 5 * i + 2], policies[i])
         end
       end
     end

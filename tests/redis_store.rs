@@ -477,3 +477,47 @@ async fn costs_beyond_the_burst_never_fit_and_never_overflow() {
         .unwrap();
     assert!(o[0].allowed, "the impossible costs took nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_batches_distinct_keys_per_node_and_stays_exact() {
+    let cluster = RedisCluster::start();
+    let store = std::sync::Arc::new(connected(RedisMode::Cluster, cluster.urls()).await);
+    let calls = |c: &RedisCluster| c.nodes.iter().map(|n| n.evalsha_calls()).sum::<u64>();
+    let before = calls(&cluster);
+    // 300 concurrent requests, each with its own key (300 slots, spread over 3 nodes) and one
+    // shared bucket of burst 100: per-slot calls would be about one per request.
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let own = bucket(&format!("r:own:{{user-{i}}}"), 60_000, 1, 1);
+                let shared = bucket("r:all:{everyone}", 60_000, 100, 1);
+                store.decide(&[own, shared], soon()).await.unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        if t.await.unwrap().iter().all(|o| o.allowed) {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 100, "exactly the shared burst");
+    let used = calls(&cluster) - before;
+    assert!(
+        used < 150,
+        "{used} script calls (refunds included) for 300 decisions"
+    );
+    // The 200 denied requests charged nothing: their own buckets are full.
+    let mut untouched = 0;
+    for i in 0..300 {
+        let own = store
+            .peek(&bucket(&format!("r:own:{{user-{i}}}"), 60_000, 1, 1))
+            .await
+            .unwrap();
+        if own.remaining == 1 {
+            untouched += 1;
+        }
+    }
+    assert_eq!(untouched, 200);
+}

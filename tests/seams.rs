@@ -282,9 +282,16 @@ async fn a_reset_through_another_instance_or_a_flush_takes_effect_within_a_secon
         "A admitted ivy after {took:?}"
     );
     // And a flood of one denied key still costs Redis almost nothing.
-    for _ in 0..2 {
-        status(&a, "jack").await;
+    // (Drained until Redis denies: on a starved machine a decision may miss its 20 ms and be
+    // admitted by the local fallback instead, which is not what this part measures.)
+    let mut drained = false;
+    for _ in 0..20 {
+        if status(&a, "jack").await == 429 {
+            drained = true;
+            break;
+        }
     }
+    assert!(drained);
     let before = redis.evalsha_calls();
     let statuses = burst_of(&a, "jack", 200).await;
     assert_eq!(count(&statuses, 429), 200);

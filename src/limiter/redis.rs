@@ -21,7 +21,8 @@ use super::slot::DecisionThread;
 use super::{BucketOutcome, BucketRequest, Store, StoreError, StoreKind};
 use async_trait::async_trait;
 use fred::clients::Client;
-use fred::interfaces::{ClientLike, KeysInterface};
+use fred::interfaces::{ClientLike, ClusterInterface, KeysInterface};
+use fred::types::cluster::ClusterRouting;
 use fred::types::config::{Config, ReconnectPolicy, Server, ServerConfig};
 use fred::types::scripts::Script;
 use fred::types::Builder;
@@ -35,6 +36,12 @@ use tokio::time::Instant;
 
 /// The token-bucket script, from `lua/token_bucket.lua`.
 pub const TOKEN_BUCKET_LUA: &str = include_str!("../../lua/token_bucket.lua");
+/// The same script for a Redis Cluster (Redis 7+): allowed to touch keys of several slots
+/// served by the node it runs on, so a batch costs one call per node, not per slot.
+pub const CLUSTER_TOKEN_BUCKET_LUA: &str = concat!(
+    "#!lua flags=allow-cross-slot-keys\n",
+    include_str!("../../lua/token_bucket.lua")
+);
 
 /// Most requests decided by one script call.
 pub const MAX_BATCH: usize = 64;
@@ -251,7 +258,11 @@ impl RedisStore {
         Ok(RedisStore {
             caller: Caller {
                 client,
-                script: Script::from_lua(TOKEN_BUCKET_LUA),
+                script: Script::from_lua(if cfg.mode == RedisMode::Cluster {
+                    CLUSTER_TOKEN_BUCKET_LUA
+                } else {
+                    TOKEN_BUCKET_LUA
+                }),
                 prefix: cfg.key_prefix.clone(),
                 batch_window: cfg.batch_window,
                 clustered: cfg.mode == RedisMode::Cluster,
@@ -439,20 +450,36 @@ async fn run_batcher(caller: Caller, mut rx: mpsc::Receiver<Pending>) {
     let _ = caller.client.quit().await;
 }
 
-/// Buckets of one request, by index, grouped by hash slot.
-fn by_slot(caller: &Caller, requests: &[BucketRequest]) -> Vec<(u16, Vec<usize>)> {
-    let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
+/// Where a Cluster call goes: the node that serves a set of slots, or (while the client does
+/// not know the topology yet) one slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Shard {
+    Node(Server),
+    Slot(u16),
+}
+
+/// Buckets of one request, by index, grouped by the node that serves them.
+fn by_shard(
+    caller: &Caller,
+    routing: Option<&ClusterRouting>,
+    requests: &[BucketRequest],
+) -> Vec<(Shard, Vec<usize>)> {
+    let mut groups: Vec<(Shard, Vec<usize>)> = Vec::new();
     for (i, r) in requests.iter().enumerate() {
         let slot = fred::util::redis_keyslot(caller.full_key(&r.key).as_bytes());
-        match groups.iter_mut().find(|(s, _)| *s == slot) {
+        let shard = match routing.and_then(|t| t.get_server(slot)) {
+            Some(server) => Shard::Node(server.clone()),
+            None => Shard::Slot(slot),
+        };
+        match groups.iter_mut().find(|(s, _)| *s == shard) {
             Some((_, members)) => members.push(i),
-            None => groups.push((slot, vec![i])),
+            None => groups.push((shard, vec![i])),
         }
     }
     groups
 }
 
-/// A request (by index in the batch) and the indexes of its buckets in one slot.
+/// A request (by index in the batch) and the indexes of its buckets on one shard.
 type SlotPiece = (usize, Vec<usize>);
 
 /// One request's buckets as the script sees them, with its deadline in Redis's clock.
@@ -466,15 +493,18 @@ impl Caller {
         k
     }
 
-    /// One script call over pieces (in a Cluster all in one slot). No timeout of its own
+    /// One script call over pieces (in a Cluster all on one node). No timeout of its own
     /// beyond fred's [`REPLY_LIMIT`]: the caller's deadline travels in the pieces.
     async fn call(&self, mode: &str, pieces: &[Piece<'_>]) -> Result<Vec<i64>, StoreError> {
         let buckets: usize = pieces.iter().map(|(r, _)| r.len()).sum();
         let mut keys: Vec<String> = Vec::with_capacity(buckets);
         let mut args: Vec<fred::types::Value> =
-            Vec::with_capacity(2 + 2 * pieces.len() + 3 * buckets);
+            Vec::with_capacity(3 + 2 * pieces.len() + 4 * buckets);
         args.push(mode.into());
         args.push((pieces.len() as i64).into());
+        // Cluster: the keys go at the end of ARGV and only the first is a declared key (it
+        // routes the call to the node that serves them all).
+        args.push((if self.clustered { buckets as i64 } else { 0 }).into());
         for (requests, deadline_us) in pieces {
             args.push((requests.len() as i64).into());
             args.push((*deadline_us).into());
@@ -488,10 +518,30 @@ impl Caller {
                 args.push(int(r.cost.min(r.burst.saturating_add(1))).into());
             }
         }
-        self.script
+        if self.clustered {
+            let first = keys.first().cloned();
+            args.extend(keys.into_iter().map(fred::types::Value::from));
+            keys = first.into_iter().collect();
+        }
+        let result = self
+            .script
             .evalsha_with_reload::<Vec<i64>, _, _>(&self.client, keys, args)
             .await
-            .map_err(fred_error)
+            .map_err(fred_error);
+        if self.clustered {
+            if let Err(StoreError::Script(message)) = &result {
+                if message.contains("non local key") || message.contains("MOVED") {
+                    // The topology changed under a call grouped by the old one: refresh it.
+                    let client = self.client.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = client.sync_cluster().await {
+                            tracing::warn!(error = %e, "refreshing the Cluster topology failed");
+                        }
+                    });
+                }
+            }
+        }
+        result
     }
 
     /// Reads Redis's clock (one script call in `time` mode).
@@ -567,14 +617,15 @@ impl Caller {
         }
     }
 
-    /// Cluster: every request's buckets grouped by slot, one call per slot for the whole batch
-    /// (concurrently). A request admitted by some slots and denied (or failed) by another gets
-    /// the admitting slots' tokens back.
+    /// Cluster: every request's buckets grouped by the node that serves them, one call per
+    /// node for the whole batch (concurrently). A request admitted by some nodes and denied (or
+    /// failed) by another gets the admitting nodes' tokens back.
     async fn decide_by_slot(&self, live: &[Pending]) -> Vec<Result<Answer, StoreError>> {
-        // Per slot: the (request, bucket indexes) pieces that live there.
-        let mut slots: Vec<(u16, Vec<SlotPiece>)> = Vec::new();
+        let routing = self.client.cached_cluster_state();
+        // Per node: the (request, bucket indexes) pieces that live there.
+        let mut slots: Vec<(Shard, Vec<SlotPiece>)> = Vec::new();
         for (pi, p) in live.iter().enumerate() {
-            for (slot, members) in by_slot(self, &p.requests) {
+            for (slot, members) in by_shard(self, routing.as_ref(), &p.requests) {
                 match slots.iter_mut().find(|(s, _)| *s == slot) {
                     Some((_, pieces)) => pieces.push((pi, members)),
                     None => slots.push((slot, vec![(pi, members)])),
@@ -671,7 +722,11 @@ impl Caller {
     /// Gives back `cost` tokens to each bucket (one call, or one per slot in a Cluster).
     async fn refund(&self, buckets: &[BucketRequest]) {
         let groups: Vec<Vec<usize>> = if self.clustered {
-            by_slot(self, buckets).into_iter().map(|(_, m)| m).collect()
+            let routing = self.client.cached_cluster_state();
+            by_shard(self, routing.as_ref(), buckets)
+                .into_iter()
+                .map(|(_, m)| m)
+                .collect()
         } else {
             vec![(0..buckets.len()).collect()]
         };
