@@ -345,3 +345,100 @@ async fn a_request_the_fallback_answered_during_a_stall_is_not_charged_again_lat
         3.0
     );
 }
+
+/// Moves `slot` from the node that serves it to another, keys included, as a resharding does.
+fn migrate_slot(cluster: &RedisCluster, slot: u16) {
+    let slot = slot.to_string();
+    let serves = |n: &RedisProcess| {
+        n.cli(&["CLUSTER", "COUNTKEYSINSLOT", &slot]).is_some()
+            && n.cli(&["CLUSTER", "NODES"]).is_some_and(|nodes| {
+                nodes
+                    .lines()
+                    .find(|l| l.contains("myself"))
+                    .is_some_and(|me| {
+                        me.split_whitespace().skip(8).any(|range| {
+                            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                            let s: u16 = slot.parse().unwrap();
+                            lo.parse::<u16>().is_ok_and(|lo| lo <= s)
+                                && hi.parse::<u16>().is_ok_and(|hi| s <= hi)
+                        })
+                    })
+            })
+    };
+    let src = cluster.nodes.iter().find(|n| serves(n)).expect("owner");
+    let dst = cluster.nodes.iter().find(|n| n.port != src.port).unwrap();
+    let id = |n: &RedisProcess| n.cli(&["CLUSTER", "MYID"]).unwrap();
+    let (src_id, dst_id) = (id(src), id(dst));
+    dst.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id])
+        .unwrap();
+    src.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id])
+        .unwrap();
+    // Requests meanwhile are redirected (ASK) while the slot is half moved.
+    std::thread::sleep(Duration::from_millis(300));
+    let keys = src
+        .cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"])
+        .unwrap();
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        src.cli(&[
+            "MIGRATE",
+            "127.0.0.1",
+            &dst.port.to_string(),
+            key,
+            "0",
+            "5000",
+        ])
+        .unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    for n in &cluster.nodes {
+        n.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id])
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_resharding_under_load_is_survived() {
+    let _serial = SERIAL.lock().await;
+    let cluster = std::sync::Arc::new(RedisCluster::start());
+    let up = Upstream::start();
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    let store = format!(
+        "{{ kind: redis, redis: {{ mode: cluster, urls: [{}] }} }}",
+        urls.join(", ")
+    );
+    let gw = Gateway::start(&yaml(&store, "local", 2000), up.addr).await;
+    let load = async {
+        for _ in 0..100 {
+            burst_of(&gw, "lena", 4).await;
+        }
+    };
+    let slot = {
+        // The bucket's slot (its hash tag is the key value).
+        let out = cluster.nodes[0]
+            .cli(&["CLUSTER", "KEYSLOT", "tollgate:r:per-user:{lena}"])
+            .unwrap();
+        out.parse::<u16>().unwrap()
+    };
+    let moving = cluster.clone();
+    let migrate = async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::task::spawn_blocking(move || migrate_slot(&moving, slot))
+            .await
+            .unwrap();
+    };
+    tokio::join!(load, migrate);
+    // Within a few seconds, decisions come from Redis again: the breaker closes and requests
+    // are counted as decided by Redis, not the fallback.
+    let allowed = r#"tollgate_requests_total{decision="allowed",route="r"}"#;
+    let before = metric(&gw, allowed).await;
+    wait_until(
+        "Redis to decide again after the resharding",
+        Duration::from_secs(15),
+        || async {
+            status(&gw, "lena").await;
+            metric(&gw, allowed).await > before
+                && metric(&gw, "tollgate_breaker_state").await == 0.0
+        },
+    )
+    .await;
+}

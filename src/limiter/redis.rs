@@ -27,7 +27,7 @@ use fred::types::config::{Config, ReconnectPolicy, Server, ServerConfig};
 use fred::types::scripts::Script;
 use fred::types::Builder;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::ThreadId;
 use std::time::Duration;
@@ -66,6 +66,8 @@ struct Caller {
     clock: Arc<RedisClock>,
     /// Requests refunded because their caller had given up before a late reply charged them.
     refunded: Arc<AtomicU64>,
+    /// Set when the store is closed: its connection watchdogs stop.
+    closed: Arc<AtomicBool>,
 }
 
 /// A request waiting for its decision.
@@ -268,6 +270,7 @@ impl RedisStore {
                 clustered: cfg.mode == RedisMode::Cluster,
                 clock: Arc::new(RedisClock::new()),
                 refunded: Arc::new(AtomicU64::new(0)),
+                closed: Arc::new(AtomicBool::new(false)),
             },
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             lanes: Mutex::new(Vec::new()),
@@ -285,7 +288,11 @@ impl RedisStore {
     ) -> Result<(), StoreError> {
         let deadline = Instant::now() + wait;
         let client = &self.caller.client;
-        let _task = client.connect();
+        tokio::spawn(keep_connected(
+            client.clone(),
+            self.caller.closed.clone(),
+            "store",
+        ));
         let mut joins = Vec::with_capacity(threads.len());
         {
             let mut lanes = lock(&self.lanes);
@@ -301,7 +308,11 @@ impl RedisStore {
                     // Spawns the connection task on this runtime (the lane's thread), then
                     // makes one script call over it: the lane's first decision is no slower
                     // than any other.
-                    let _task = warming.client.connect();
+                    tokio::spawn(keep_connected(
+                        warming.client.clone(),
+                        warming.closed.clone(),
+                        "lane",
+                    ));
                     warming
                         .client
                         .wait_for_connect()
@@ -362,6 +373,7 @@ impl RedisStore {
 
     /// Closes the connections (a lane's ends when its queue is dropped).
     pub async fn close(&self) {
+        self.caller.closed.store(true, Ordering::Release);
         lock(&self.lanes).clear();
         let _ = self.caller.client.quit().await;
     }
@@ -381,6 +393,31 @@ impl RedisStore {
     /// given up (the deadline passed in transit).
     pub fn late_refunds(&self) -> u64 {
         self.caller.refunded.load(Ordering::Relaxed)
+    }
+}
+
+/// Pause before a connection task that ended is started again.
+const RESTART_AFTER: Duration = Duration::from_millis(200);
+
+/// Runs a client's connection task, on the runtime this runs on (a lane's own thread), for as
+/// long as the store is open. fred ends the task for good in some cases (a Cluster command that
+/// ran out of redirect attempts during a resharding disconnects the client from every node and
+/// ends its task, while the client still reports itself connected); it is started again here.
+async fn keep_connected(client: Client, closed: Arc<AtomicBool>, name: &'static str) {
+    loop {
+        let ended = client.connect().await;
+        if closed.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::warn!(
+            connection = name,
+            result = ?ended,
+            "a Redis connection task ended; starting it again"
+        );
+        tokio::time::sleep(RESTART_AFTER).await;
+        if closed.load(Ordering::Acquire) {
+            return;
+        }
     }
 }
 
@@ -523,11 +560,15 @@ impl Caller {
             args.extend(keys.into_iter().map(fred::types::Value::from));
             keys = first.into_iter().collect();
         }
-        let result = self
+        // fred bounds each reply by REPLY_LIMIT; this bounds the whole call (redirects,
+        // reconnects, a `NOSCRIPT` reload) so that a lane never waits on a call for good.
+        let call = self
             .script
-            .evalsha_with_reload::<Vec<i64>, _, _>(&self.client, keys, args)
-            .await
-            .map_err(fred_error);
+            .evalsha_with_reload::<Vec<i64>, _, _>(&self.client, keys, args);
+        let result = match tokio::time::timeout(REPLY_LIMIT * 2, call).await {
+            Ok(result) => result.map_err(fred_error),
+            Err(_) => Err(StoreError::Timeout),
+        };
         if self.clustered {
             if let Err(StoreError::Script(message)) = &result {
                 if message.contains("non local key") || message.contains("MOVED") {
