@@ -5,6 +5,7 @@
 
 use crate::config::model::{Fallback, StoreKindConfig};
 use crate::keys;
+use crate::limiter::breaker::BreakerState;
 use crate::limiter::decider::Verdict;
 use crate::limiter::plan::{self, bucket_key, Decision, RetryAfter};
 use crate::limiter::slot::Readiness;
@@ -93,7 +94,10 @@ impl AdminApp {
             StoreKindConfig::Redis => "redis",
         };
         let readiness = slot.readiness();
-        let healthy = slot.healthy();
+        // Connected is not enough: while the breaker is not closed, decisions are the
+        // fallback's.
+        let breaker = self.shared.decider.breaker_state();
+        let healthy = slot.healthy() && breaker == BreakerState::Closed;
         let covered = matches!(config.breaker.fallback, Fallback::Local | Fallback::Allow);
         let (status, state) = match (readiness, healthy, covered) {
             (Readiness::Connecting, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
@@ -106,7 +110,7 @@ impl AdminApp {
             "store": store,
             "store_healthy": healthy,
             "store_connect": readiness.name(),
-            "breaker": self.shared.decider.breaker_state().name(),
+            "breaker": breaker.name(),
             "config_generation": self.shared.generation(),
         });
         if !healthy {
@@ -120,7 +124,8 @@ impl AdminApp {
                     config.breaker.fallback
                 ),
                 Readiness::Ready => format!(
-                    "store {store} is not answering; fallback: {:?}",
+                    "store {store} is not answering (breaker {}); fallback: {:?}",
+                    breaker.name(),
                     config.breaker.fallback
                 ),
             });

@@ -74,35 +74,29 @@ impl DenyCache {
                 .filter(|e| e.until_ns > now && r.cost >= e.cost)
                 .cloned()
         })?;
+        // Every bucket of this request must be in the remembered decision: a bucket that was
+        // not cannot be reported without asking Redis.
+        if !requests
+            .iter()
+            .all(|r| hit.snapshot.iter().any(|(k, _)| *k == r.key))
+        {
+            return None;
+        }
         self.hits.fetch_add(1, Ordering::Relaxed);
         let elapsed = now.saturating_sub(hit.cached_at_ns);
         let outcomes = requests
             .iter()
-            .map(|r| {
-                let seen = hit
-                    .snapshot
-                    .iter()
-                    .find(|(k, _)| *k == r.key)
-                    .map(|(_, o)| *o);
-                match seen {
-                    Some(o) => BucketOutcome {
-                        allowed: o.allowed,
-                        remaining: o.remaining,
-                        reset_ns: o.reset_ns.saturating_sub(elapsed),
-                        retry_ns: if o.allowed {
-                            0
-                        } else {
-                            hit.retry_at_ns.saturating_sub(now).max(1)
-                        },
-                        next_token_ns: o.next_token_ns.saturating_sub(elapsed).max(1),
-                    },
-                    // Not part of the cached decision: reported as untouched.
-                    None => BucketOutcome {
-                        allowed: true,
-                        remaining: r.burst,
-                        ..BucketOutcome::default()
-                    },
-                }
+            .filter_map(|r| hit.snapshot.iter().find(|(k, _)| *k == r.key))
+            .map(|(_, o)| BucketOutcome {
+                allowed: o.allowed,
+                remaining: o.remaining,
+                reset_ns: o.reset_ns.saturating_sub(elapsed),
+                retry_ns: if o.allowed {
+                    0
+                } else {
+                    hit.retry_at_ns.saturating_sub(now).max(1)
+                },
+                next_token_ns: o.next_token_ns.saturating_sub(elapsed).max(1),
             })
             .collect();
         Some(outcomes)
@@ -223,6 +217,28 @@ mod tests {
             cache.check(&[req("a", 1)]).is_none(),
             "after MAX_AGE Redis is asked again"
         );
+    }
+
+    #[test]
+    fn a_request_with_a_bucket_outside_the_remembered_decision_asks_redis() {
+        let clock = Arc::new(ManualClock::new(1_000_000));
+        let cache = DenyCache::new(1000, clock);
+        cache.remember(
+            &[req("other", 1), req("b", 1)],
+            &[
+                BucketOutcome {
+                    allowed: true,
+                    remaining: 3,
+                    ..BucketOutcome::default()
+                },
+                denied(1_000_000),
+            ],
+        );
+        assert!(
+            cache.check(&[req("a", 1), req("b", 1)]).is_none(),
+            "a's real state is unknown here"
+        );
+        assert!(cache.check(&[req("other", 1), req("b", 1)]).is_some());
     }
 
     #[test]

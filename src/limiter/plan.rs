@@ -78,6 +78,16 @@ impl Plan {
     }
 }
 
+/// A cost header's value: a whole number; one too large for 64 bits is the largest cost (it
+/// can never pass), not an unreadable value that falls back to the limit's own cost.
+fn cost_value(text: &str) -> Option<u64> {
+    match text.parse::<u64>() {
+        Ok(cost) => Some(cost),
+        Err(_) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => Some(u64::MAX),
+        Err(_) => None,
+    }
+}
+
 /// Derives every limit's key and cost for this request, for the route named `route`.
 pub fn plan(route: &str, limits: &[Limit], req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
     let mut plan = Plan::default();
@@ -90,7 +100,7 @@ pub fn plan(route: &str, limits: &[Limit], req: &RequestView<'_>, ipv6_prefix: u
             .as_ref()
             .and_then(|h| req.headers.get(h))
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
+            .and_then(|v| cost_value(v.trim()))
             .unwrap_or(limit.cost);
         plan.add(route, limit, present.then_some(value), cost);
     }
@@ -226,5 +236,21 @@ impl Decision {
                     .cmp(&b.outcome.remaining)
                     .then(b.outcome.reset_ns.cmp(&a.outcome.reset_ns))
             })
+    }
+}
+
+#[cfg(test)]
+mod cost_tests {
+    use super::cost_value;
+
+    #[test]
+    fn a_cost_beyond_64_bits_is_the_largest_cost_not_the_default() {
+        assert_eq!(cost_value("3"), Some(3));
+        assert_eq!(cost_value("18446744073709551615"), Some(u64::MAX));
+        assert_eq!(cost_value("18446744073709551616"), Some(u64::MAX));
+        assert_eq!(cost_value("99999999999999999999999"), Some(u64::MAX));
+        assert_eq!(cost_value("-1"), None);
+        assert_eq!(cost_value("1e3"), None);
+        assert_eq!(cost_value(""), None);
     }
 }

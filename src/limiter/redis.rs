@@ -375,7 +375,9 @@ impl RedisStore {
     pub async fn close(&self) {
         self.caller.closed.store(true, Ordering::Release);
         lock(&self.lanes).clear();
-        let _ = self.caller.client.quit().await;
+        // A polite QUIT, not waited for long (a server that never answers would hold this for
+        // fred's reply limit); the connection tasks are stopped by their keepers either way.
+        let _ = tokio::time::timeout(Duration::from_millis(200), self.caller.client.quit()).await;
     }
 
     /// Whether the store's own connection and every lane are connected.
@@ -396,6 +398,9 @@ impl RedisStore {
     }
 }
 
+/// How many more times a failed refund is tried (after 0.2 s, 0.4 s, ...).
+const REFUND_RETRIES: u32 = 5;
+
 /// Pause before a connection task that ended is started again.
 const RESTART_AFTER: Duration = Duration::from_millis(200);
 
@@ -404,19 +409,32 @@ const RESTART_AFTER: Duration = Duration::from_millis(200);
 /// ran out of redirect attempts during a resharding disconnects the client from every node and
 /// ends its task, while the client still reports itself connected); it is started again here.
 async fn keep_connected(client: Client, closed: Arc<AtomicBool>, name: &'static str) {
+    let mut task = client.connect();
     loop {
-        let ended = client.connect().await;
-        if closed.load(Ordering::Acquire) {
-            return;
-        }
-        tracing::warn!(
-            connection = name,
-            result = ?ended,
-            "a Redis connection task ended; starting it again"
-        );
-        tokio::time::sleep(RESTART_AFTER).await;
-        if closed.load(Ordering::Acquire) {
-            return;
+        tokio::select! {
+            ended = &mut task => {
+                if closed.load(Ordering::Acquire) {
+                    return;
+                }
+                tracing::warn!(
+                    connection = name,
+                    result = ?ended,
+                    "a Redis connection task ended; starting it again"
+                );
+                tokio::time::sleep(RESTART_AFTER).await;
+                if closed.load(Ordering::Acquire) {
+                    return;
+                }
+                task = client.connect();
+            }
+            _ = tokio::time::sleep(RESTART_AFTER) => {
+                if closed.load(Ordering::Acquire) {
+                    // The store is closed: stop reconnecting (a server that accepts but never
+                    // answers would otherwise be retried for good).
+                    task.abort();
+                    return;
+                }
+            }
         }
     }
 }
@@ -760,8 +778,36 @@ impl Caller {
         answers
     }
 
-    /// Gives back `cost` tokens to each bucket (one call, or one per slot in a Cluster).
+    /// Gives back `cost` tokens to each bucket (one call, or one per node in a Cluster). A
+    /// call that fails is tried again a few times in the background (a node briefly away).
     async fn refund(&self, buckets: &[BucketRequest]) {
+        let owed = self.refund_once(buckets).await;
+        if owed.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            buckets = owed.len(),
+            "giving tokens back failed; trying again"
+        );
+        let caller = self.clone();
+        tokio::spawn(async move {
+            let mut owed = owed;
+            for attempt in 1..=REFUND_RETRIES {
+                tokio::time::sleep(RESTART_AFTER * attempt).await;
+                owed = caller.refund_once(&owed).await;
+                if owed.is_empty() {
+                    return;
+                }
+            }
+            tracing::error!(
+                buckets = owed.len(),
+                "giving tokens back failed for good: those buckets stay charged"
+            );
+        });
+    }
+
+    /// One try at [`Caller::refund`]; returns the buckets whose call failed.
+    async fn refund_once(&self, buckets: &[BucketRequest]) -> Vec<BucketRequest> {
         let groups: Vec<Vec<usize>> = if self.clustered {
             let routing = self.client.cached_cluster_state();
             by_shard(self, routing.as_ref(), buckets)
@@ -775,11 +821,13 @@ impl Caller {
             let piece: Piece<'_> = (members.iter().map(|&i| &buckets[i]).collect(), 0);
             self.call("refund", &[piece]).await
         });
-        for result in futures::future::join_all(calls).await {
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "giving tokens back failed");
-            }
-        }
+        let results = futures::future::join_all(calls).await;
+        groups
+            .iter()
+            .zip(results)
+            .filter(|(_, r)| r.is_err())
+            .flat_map(|(members, _)| members.iter().map(|&i| buckets[i].clone()))
+            .collect()
     }
 }
 

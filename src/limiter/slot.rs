@@ -148,9 +148,15 @@ impl StoreSlot {
         self.readiness.store(r.to_u8(), Ordering::Release);
     }
 
-    /// Whether connecting finished, and how.
+    /// Whether connecting finished, and how. A degraded start whose connections have all come
+    /// up since is ready.
     pub fn readiness(&self) -> Readiness {
-        Readiness::from_u8(self.readiness.load(Ordering::Acquire))
+        let r = Readiness::from_u8(self.readiness.load(Ordering::Acquire));
+        if r == Readiness::Degraded && self.redis.as_ref().is_some_and(|s| s.is_connected()) {
+            self.set_readiness(Readiness::Ready);
+            return Readiness::Ready;
+        }
+        r
     }
 
     /// Whether the store can answer every decision now: connected on every deciding thread.
