@@ -29,6 +29,15 @@ routes:
     )
 }
 
+/// The `store` of a gateway on `cluster`, every other setting at its default.
+fn cluster_store(cluster: &RedisCluster) -> String {
+    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        "{{ kind: redis, redis: {{ mode: cluster, urls: [{}] }} }}",
+        urls.join(", ")
+    )
+}
+
 fn standalone(url: &str) -> String {
     format!(r#"{{ kind: redis, redis: {{ urls: ["{url}"] }} }}"#)
 }
@@ -130,11 +139,7 @@ async fn a_fresh_cluster_instance_admits_exactly_the_burst() {
     let _serial = SERIAL.lock().await;
     let cluster = RedisCluster::start();
     let up = Upstream::start();
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let store = format!(
-        "{{ kind: redis, redis: {{ mode: cluster, urls: [{}] }} }}",
-        urls.join(", ")
-    );
+    let store = cluster_store(&cluster);
     let gw = Gateway::start_hot(&yaml(&store, "local", 5), up.addr).await;
     let statuses = burst_of(&gw, "dave", 12).await;
     assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
@@ -401,11 +406,7 @@ async fn a_cluster_resharding_under_load_is_survived() {
     let _serial = SERIAL.lock().await;
     let cluster = std::sync::Arc::new(RedisCluster::start());
     let up = Upstream::start();
-    let urls: Vec<String> = cluster.urls().iter().map(|u| format!("\"{u}\"")).collect();
-    let store = format!(
-        "{{ kind: redis, redis: {{ mode: cluster, urls: [{}] }} }}",
-        urls.join(", ")
-    );
+    let store = cluster_store(&cluster);
     let gw = Gateway::start(&yaml(&store, "local", 2000), up.addr).await;
     let load = async {
         for _ in 0..100 {

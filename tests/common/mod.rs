@@ -125,6 +125,24 @@ pub fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tollgate")))
 }
 
+/// Writes `yaml` to a temp dir with `{PROXY}`, `{ADMIN}` and `{UPSTREAM}` replaced by free
+/// proxy and admin ports and `upstream`.
+fn write_config(
+    yaml: &str,
+    upstream: SocketAddr,
+) -> (SocketAddr, SocketAddr, tempfile::TempDir, PathBuf) {
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let text = yaml
+        .replace("{PROXY}", &proxy.to_string())
+        .replace("{ADMIN}", &admin.to_string())
+        .replace("{UPSTREAM}", &upstream.to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config_path = dir.path().join("gateway.yaml");
+    std::fs::write(&config_path, text).expect("write config");
+    (proxy, admin, dir, config_path)
+}
+
 /// The gateway binary running a config; killed on drop if still running.
 pub struct Gateway {
     pub child: Child,
@@ -153,15 +171,7 @@ impl Gateway {
         wrapper: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let text = yaml
-            .replace("{PROXY}", &proxy.to_string())
-            .replace("{ADMIN}", &admin.to_string())
-            .replace("{UPSTREAM}", &upstream.to_string());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, text).expect("write config");
+        let (proxy, admin, dir, config_path) = write_config(yaml, upstream);
         Gateway::launch(proxy, admin, dir, config_path, wrapper, env).await
     }
 
@@ -169,15 +179,7 @@ impl Gateway {
     /// without waiting for `/ready`: traffic arrives the moment the listener opens, as a load
     /// balancer's would.
     pub async fn start_hot(yaml: &str, upstream: SocketAddr) -> Gateway {
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let text = yaml
-            .replace("{PROXY}", &proxy.to_string())
-            .replace("{ADMIN}", &admin.to_string())
-            .replace("{UPSTREAM}", &upstream.to_string());
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config_path = dir.path().join("gateway.yaml");
-        std::fs::write(&config_path, text).expect("write config");
+        let (proxy, admin, dir, config_path) = write_config(yaml, upstream);
         let gw = Gateway::spawn(proxy, admin, dir, config_path, &[], &[]);
         wait_until(
             "the proxy listener",
