@@ -4,7 +4,9 @@
 //! - [`config`]: YAML wire structs, the validated model, errors that name file, field and line.
 //! - [`routes`]: the route table (host, method, path), first match wins.
 //! - [`keys`]: key derivation from the request, client IP behind trusted proxies, normalisation.
-//! - [`limiter`]: limits, the `Store` trait, token-bucket arithmetic, the memory store, planning.
+//! - [`limiter`]: limits, the `Store` trait, the store slot and its connections, the decider
+//!   (deny cache, breaker, one deadline, fallback), token-bucket arithmetic, memory and Redis
+//!   stores, planning.
 //! - [`upstream`]: upstream groups, round robin, timeouts.
 //! - [`proxy`]: the Pingora `ProxyHttp` phases and the responses the gateway writes itself.
 //! - [`admin`]: health, readiness and metrics on the admin listener.
