@@ -136,8 +136,17 @@ impl<S: pingora::services::Service> pingora::services::Service for WarmStart<S> 
         }
         self.shared.threads.set(threads);
         let slot = self.shared.store();
-        // Logged by the slot either way; degraded start when it did not connect in time.
-        let _ = slot.connect(self.shared.threads.get()).await;
+        // Logged by the slot either way; degraded start when it did not connect in time. A
+        // reload that swaps the store meanwhile connected its own: stop waiting for this one.
+        let replaced = async {
+            while Arc::ptr_eq(&slot, &self.shared.store()) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            _ = slot.connect(self.shared.threads.get()) => {}
+            _ = replaced => tracing::info!("the store was replaced by a reload during start-up"),
+        }
         self.inner
             .start_service(fds, shutdown, listeners_per_fd)
             .await
