@@ -238,6 +238,41 @@ async fn unreachable_redis_at_start_up_starts_degraded_after_the_wait_and_says_s
     assert!(text.contains("start-up wait"), "{text}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_the_start_up_wait_ends_the_wait() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let dead = common::free_port();
+    let store = |url: &str| {
+        format!(r#"{{ kind: redis, redis: {{ urls: ["{url}"], startup_wait_ms: 20000 }} }}"#)
+    };
+    let gw = Gateway::spawn_now(
+        &yaml(&store(&format!("redis://127.0.0.1:{dead}")), "local", 2),
+        up.addr,
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let fixed = text.replace(&format!("redis://127.0.0.1:{dead}"), &redis.url());
+    std::fs::write(&gw.config_path, fixed).unwrap();
+    // The reload connects the working store; start-up stops waiting for the dead one long
+    // before its 20 s wait.
+    let started = Instant::now();
+    wait_until("the proxy listener", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(gw.proxy).await.is_ok()
+    })
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let ready: serde_json::Value = reqwest::get(gw.admin_url("/ready"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(status(&gw, "mia").await, 200);
+}
+
 /// Polls `user` through `gw` until a 200; how long it took.
 async fn time_to_admit(gw: &Gateway, user: &str, limit: Duration) -> Duration {
     let start = Instant::now();

@@ -175,6 +175,12 @@ impl Gateway {
         Gateway::launch(proxy, admin, dir, config_path, wrapper, env).await
     }
 
+    /// Runs the gateway on `yaml` and returns at once, waiting for nothing.
+    pub fn spawn_now(yaml: &str, upstream: SocketAddr) -> Gateway {
+        let (proxy, admin, dir, config_path) = write_config(yaml, upstream);
+        Gateway::spawn(proxy, admin, dir, config_path, &[], &[])
+    }
+
     /// As [`Gateway::start`], but returns as soon as the proxy port accepts a connection,
     /// without waiting for `/ready`: traffic arrives the moment the listener opens, as a load
     /// balancer's would.
