@@ -15,7 +15,9 @@ ARGV[3]   K, how many bucket keys are at the end of ARGV (0: the keys are KEYS).
 ARGV[4..] for each request:
             n        the number of its buckets
             deadline Redis TIME in microseconds after which the request is not decided (its
-                     caller has given up and used the fallback): 0 for none
+                     caller has given up and used the fallback): 0 for none. In "refund"
+                     mode: the refund's id (0: none); a refund whose id was already applied
+                     to a bucket (marker key `{bucket key}#refund:{id}`, kept 10 min) is skipped
             then for each bucket:
             interval_ns  nanoseconds for one token to drip back (the gateway's integer
                          interval, the same number the memory store uses)
@@ -157,6 +159,7 @@ local key = 1
 for _ = 1, decisions do
   local n = tonumber(ARGV[arg])
   local deadline = tonumber(ARGV[arg + 1])
+  local refund_id = ARGV[arg + 1]
   arg = arg + 2
   if mode == 'refund' then
     for i = 0, n - 1 do
@@ -165,7 +168,13 @@ for _ = 1, decisions do
       local cost = tonumber(ARGV[arg + 3 * i + 2])
       local k = keys[key + i]
       local debt = stored_debt(k, policy)
-      if debt > 0 then
+      -- A refund is applied once: a retried one (its first try may have run after all) finds
+      -- its marker, a key in the bucket's own slot, and does nothing.
+      local first = true
+      if refund_id ~= '0' then
+        first = redis.call('SET', k .. '#refund:' .. refund_id, '1', 'NX', 'PX', 600000)
+      end
+      if first and debt > 0 then
         local back = cost * interval
         if back > debt then
           back = debt

@@ -521,3 +521,45 @@ async fn cluster_batches_distinct_keys_per_node_and_stays_exact() {
     }
     assert_eq!(untouched, 200);
 }
+
+#[tokio::test]
+async fn a_refund_tried_twice_is_applied_once() {
+    let redis = RedisProcess::standalone();
+    let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
+    let b = bucket("r:x:{refund}", 60_000, 10, 5);
+    assert!(
+        store
+            .decide(std::slice::from_ref(&b), soon())
+            .await
+            .unwrap()[0]
+            .allowed
+    );
+    // The same refund (id 77, 2 tokens) sent twice, as a retry after a timeout would: its first
+    // try may have run after all.
+    let interval = (60_000 * MS).to_string();
+    for _ in 0..2 {
+        let out = redis.cli(&[
+            "EVAL",
+            tollgate::limiter::redis::TOKEN_BUCKET_LUA,
+            "1",
+            "t:r:x:{refund}",
+            "refund",
+            "1",
+            "0",
+            "1",
+            "77",
+            &interval,
+            "10",
+            "2",
+        ]);
+        assert!(out.is_some(), "the refund call ran");
+    }
+    let left = store
+        .peek(&bucket("r:x:{refund}", 60_000, 10, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        left.remaining, 7,
+        "5 left after the charge, 2 given back once"
+    );
+}

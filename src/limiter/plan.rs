@@ -81,9 +81,12 @@ impl Plan {
 /// A cost header's value: a whole number; one too large for 64 bits is the largest cost (it
 /// can never pass), not an unreadable value that falls back to the limit's own cost.
 fn cost_value(text: &str) -> Option<u64> {
-    match text.parse::<u64>() {
+    let digits = text.strip_prefix('+').unwrap_or(text);
+    match digits.parse::<u64>() {
         Ok(cost) => Some(cost),
-        Err(_) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => Some(u64::MAX),
+        Err(_) if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(u64::MAX)
+        }
         Err(_) => None,
     }
 }
@@ -249,6 +252,8 @@ mod cost_tests {
         assert_eq!(cost_value("18446744073709551615"), Some(u64::MAX));
         assert_eq!(cost_value("18446744073709551616"), Some(u64::MAX));
         assert_eq!(cost_value("99999999999999999999999"), Some(u64::MAX));
+        assert_eq!(cost_value("+5"), Some(5));
+        assert_eq!(cost_value("+18446744073709551616"), Some(u64::MAX));
         assert_eq!(cost_value("-1"), None);
         assert_eq!(cost_value("1e3"), None);
         assert_eq!(cost_value(""), None);

@@ -85,6 +85,8 @@ struct Lane {
 }
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
+/// Counter behind refund ids (hashed with a per-refund random key).
+static NEXT_REFUND: AtomicU64 = AtomicU64::new(1);
 
 thread_local! {
     /// This thread's lanes, by store id. Weak: the store owns them.
@@ -779,9 +781,20 @@ impl Caller {
     }
 
     /// Gives back `cost` tokens to each bucket (one call, or one per node in a Cluster). A
-    /// call that fails is tried again a few times in the background (a node briefly away).
+    /// call that fails is tried again a few times in the background (a node briefly away);
+    /// each bucket's refund carries an id, so a try that ran after all is not applied twice.
     async fn refund(&self, buckets: &[BucketRequest]) {
-        let owed = self.refund_once(buckets).await;
+        use std::hash::BuildHasher;
+        let ids = std::collections::hash_map::RandomState::new();
+        let owed: Vec<(BucketRequest, i64)> = buckets
+            .iter()
+            .map(|b| {
+                let id =
+                    ids.hash_one(NEXT_REFUND.fetch_add(1, Ordering::Relaxed)) & ((1 << 53) - 1);
+                (b.clone(), int(id).max(1))
+            })
+            .collect();
+        let owed = self.refund_once(&owed).await;
         if owed.is_empty() {
             return;
         }
@@ -807,26 +820,34 @@ impl Caller {
     }
 
     /// One try at [`Caller::refund`]; returns the buckets whose call failed.
-    async fn refund_once(&self, buckets: &[BucketRequest]) -> Vec<BucketRequest> {
+    async fn refund_once(&self, owed: &[(BucketRequest, i64)]) -> Vec<(BucketRequest, i64)> {
+        let buckets: Vec<BucketRequest> = owed.iter().map(|(b, _)| b.clone()).collect();
         let groups: Vec<Vec<usize>> = if self.clustered {
             let routing = self.client.cached_cluster_state();
-            by_shard(self, routing.as_ref(), buckets)
+            by_shard(self, routing.as_ref(), &buckets)
                 .into_iter()
                 .map(|(_, m)| m)
                 .collect()
         } else {
             vec![(0..buckets.len()).collect()]
         };
-        let calls = groups.iter().map(|members| async move {
-            let piece: Piece<'_> = (members.iter().map(|&i| &buckets[i]).collect(), 0);
-            self.call("refund", &[piece]).await
+        let calls = groups.iter().map(|members| {
+            let buckets = &buckets;
+            async move {
+                // One piece per bucket: each carries its own refund id.
+                let pieces: Vec<Piece<'_>> = members
+                    .iter()
+                    .map(|&i| (vec![&buckets[i]], owed[i].1))
+                    .collect();
+                self.call("refund", &pieces).await
+            }
         });
         let results = futures::future::join_all(calls).await;
         groups
             .iter()
             .zip(results)
             .filter(|(_, r)| r.is_err())
-            .flat_map(|(members, _)| members.iter().map(|&i| buckets[i].clone()))
+            .flat_map(|(members, _)| members.iter().map(|&i| owed[i].clone()))
             .collect()
     }
 }
