@@ -270,22 +270,28 @@ impl Gateway {
     pub async fn wait_ready(&self) {
         let client = reqwest::Client::new();
         let url = format!("http://{}/ready", self.admin);
-        let proxy = self.proxy;
-        wait_until("gateway /ready", Duration::from_secs(20), || {
-            let client = client.clone();
-            let url = url.clone();
-            async move {
-                let admin_ok = match client.get(&url).send().await {
-                    Ok(r) if r.status() == 200 => r
-                        .json::<serde_json::Value>()
-                        .await
-                        .is_ok_and(|v| v["store_healthy"] == true),
-                    _ => false,
-                };
-                admin_ok && tokio::net::TcpStream::connect(proxy).await.is_ok()
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let admin_ok = match client.get(&url).send().await {
+                Ok(r) if r.status() == 200 => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .is_ok_and(|v| v["store_healthy"] == true),
+                _ => false,
+            };
+            if admin_ok && tokio::net::TcpStream::connect(self.proxy).await.is_ok() {
+                return;
             }
-        })
-        .await;
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for gateway /ready (proxy {}, admin {}); its log:\n{}",
+                    self.proxy,
+                    self.admin,
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
