@@ -36,6 +36,7 @@ fn key_derivation(c: &mut Criterion) {
         query: Some("user=alice&page=2"),
         headers: &headers,
         client_ip: ip,
+        peer_trusted: false,
         path_params: None,
     };
     let ip_only = spec(&["ip"]);

@@ -10,6 +10,7 @@ use crate::limiter::decider::Verdict;
 use crate::limiter::plan::{self, bucket_key, Decision, RetryAfter};
 use crate::limiter::slot::Readiness;
 use crate::limiter::{ceil_secs, BucketRequest, Limit};
+use crate::normalize;
 use crate::state::Shared;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -138,14 +139,16 @@ impl AdminApp {
         let Some(token) = config.admin.token.as_deref() else {
             return true;
         };
-        let given = session
+        let mut values = session
             .req_header()
             .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+            .get_all(http::header::AUTHORIZATION)
+            .iter();
+        let (Some(value), None) = (values.next(), values.next()) else {
+            return false;
+        };
+        bearer_token(value.as_bytes())
+            .is_some_and(|given| constant_time_eq(given, token.as_bytes()))
     }
 
     async fn limit_endpoint(
@@ -183,17 +186,19 @@ impl AdminApp {
                     .join("|")
             })
             .collect();
-        let Some(value) = keys::value_from_parts(&limit.key, &given, config.client_ip.ipv6_prefix)
-        else {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_key",
-                format!(
-                    "limit {limit_name:?} has {} key part(s) {parts:?}: give ?key=VALUE once per part, in order (got {})",
-                    parts.len(),
-                    given.len()
-                ),
-            );
+        let value = match keys::value_from_parts(&limit.key, &given, config.client_ip.ipv6_prefix) {
+            Ok(value) => value,
+            Err(why) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_key",
+                    format!(
+                        "limit {limit_name:?} has {} key part(s) {parts:?}: give ?key=VALUE once per part, in order (got {}): {why}",
+                        parts.len(),
+                        given.len()
+                    ),
+                )
+            }
         };
         let policy = limit.policy_for(&value);
         let key = bucket_key(&route.name, &limit.name, &value);
@@ -357,6 +362,18 @@ async fn bounded<T>(
     )))
 }
 
+/// The token of an `Authorization: Bearer TOKEN` value; the scheme is case-insensitive
+/// (RFC 9110 11.1).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let text = value.trim_ascii();
+    let split = text.iter().position(|b| *b == b' ' || *b == b'\t')?;
+    let (scheme, rest) = text.split_at(split);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| rest.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -368,12 +385,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
-        let path = req.uri.path().to_string();
-        let query = req.uri.query().map(str::to_string);
-        let method = req.method.clone();
-        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-        let mutating = method == Method::DELETE || method == Method::POST;
-        if mutating && path.starts_with("/v1/") && !self.authorized(session) {
+        let method = normalize::method(&req.method).unwrap_or_else(|| req.method.clone());
+        // Anything but a read needs the token, whatever the path: no spelling of an endpoint
+        // reaches it unchecked.
+        let mutating = !matches!(method, Method::GET | Method::HEAD);
+        if mutating && !self.authorized(session) {
             let mut resp = error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
@@ -385,6 +401,20 @@ impl ServeHttp for AdminApp {
             );
             return resp;
         }
+        let req = session.req_header();
+        let query = req.uri.query().map(str::to_string);
+        // One normal path decides the endpoint: `//v1/check`, `/v1/./check` and `/v1/%63heck`
+        // are `/v1/check`; an escaped `/` stays inside its segment.
+        let path = match normalize::path(req.uri.path(), normalize::EscapedSlashes::Keep) {
+            Ok(p) => p.into_owned(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.code(), e.to_string()),
+        };
+        let decoded: Vec<String> = path
+            .trim_matches('/')
+            .split('/')
+            .map(|s| String::from_utf8_lossy(&normalize::decode_component(s)).into_owned())
+            .collect();
+        let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
         match (method.as_str(), segments.as_slice()) {
             ("GET", ["health"]) => json_response(StatusCode::OK, json!({"status": "ok"})),
             ("GET", ["ready"]) => self.ready(),

@@ -12,8 +12,11 @@ use std::net::{IpAddr, Ipv6Addr};
 pub const MAX_PLAIN_LEN: usize = 64;
 /// Separates the parts of a composite key value.
 pub const PART_SEPARATOR: char = '|';
-/// What a missing part counts as under `on_missing_key: anonymous`.
-pub const ANONYMOUS: &str = "anonymous";
+/// What a missing part counts as under `on_missing_key: anonymous`: `#` starts no plain value
+/// and this is no hash, so no client value is written this way.
+pub const ANONYMOUS_MARK: &str = "#anonymous";
+/// Separates a part's source from its value when the part has alternatives: `ip=1.2.3.4`.
+pub const TAG_SEPARATOR: char = '=';
 
 /// Where one part of a key comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +109,15 @@ fn parse_source(text: &str) -> Result<KeySource, String> {
                 .map(KeySource::Header)
                 .map_err(|_| format!("{name:?} is not a valid header name"))
         }
-        "query" => need_arg("NAME").map(KeySource::Query),
+        "query" => {
+            let name = need_arg("NAME")?;
+            if name.contains(['=', '&']) {
+                return Err(format!(
+                    "query parameter name {name:?} may not hold '=' or '&'"
+                ));
+            }
+            Ok(KeySource::Query(name))
+        }
         "path_param" => need_arg("NAME").map(KeySource::PathParam),
         "literal" => need_arg("TEXT").map(KeySource::Literal),
         "" => Err("empty key part".to_string()),
@@ -120,41 +131,95 @@ fn parse_source(text: &str) -> Result<KeySource, String> {
 /// What key derivation sees of a request.
 pub struct RequestView<'a> {
     pub method: &'a str,
-    /// Lower-case, without port.
+    /// As [`crate::normalize::host`] writes it.
     pub host: Option<&'a str>,
+    /// In normal form ([`crate::normalize::path`]).
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a http::HeaderMap,
     pub client_ip: IpAddr,
+    /// Whether the direct peer is a trusted proxy (its `cost_header` is believed).
+    pub peer_trusted: bool,
     pub path_params: Option<&'a regex::Captures<'a>>,
 }
 
-/// Appends the normalised key value of `spec` for `req` to `out`. Returns false when a part is
-/// missing (and `anonymous` is false); with `anonymous`, missing parts count as `anonymous`.
+/// How deriving a key from a request went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Derived {
+    /// Every part was found (or counted as anonymous); the value is in `out`.
+    Present,
+    /// A part was missing and the limit does not count missing parts as anonymous.
+    Missing,
+    /// The source a part is taken from appears more than once with different values (two
+    /// `X-Api-Key` headers, `?user=a&user=b`): the request is refused rather than keyed on one
+    /// of them while the upstream may read another.
+    Ambiguous(KeySource),
+}
+
+/// What a source yields for one request.
+enum Found {
+    Absent,
+    Appended,
+    Ambiguous,
+}
+
+/// Appends the key value of `spec` for `req` to `out`. A part with several alternatives is
+/// written `SOURCE=value` (`header:x-api-key=abc`, `ip=1.2.3.4`), so no value of one source can
+/// name another source's bucket; a part counted as anonymous is written [`ANONYMOUS_MARK`],
+/// which no client value can spell (values holding `#` are hashed).
 pub fn derive(
     spec: &KeySpec,
     req: &RequestView<'_>,
     ipv6_prefix: u8,
     anonymous: bool,
     out: &mut String,
-) -> bool {
+) -> Derived {
     for (i, part) in spec.parts.iter().enumerate() {
         if i > 0 {
             out.push(PART_SEPARATOR);
         }
-        let found = part
-            .alternatives
-            .iter()
-            .any(|source| append_source(source, req, ipv6_prefix, out));
+        let tagged = part.alternatives.len() > 1;
+        let mut found = false;
+        for source in &part.alternatives {
+            let mark = out.len();
+            if tagged {
+                out.push_str(&source.spec());
+                out.push(TAG_SEPARATOR);
+            }
+            match append_source(source, req, ipv6_prefix, out) {
+                Found::Appended => {
+                    found = true;
+                    break;
+                }
+                Found::Absent => out.truncate(mark),
+                Found::Ambiguous => return Derived::Ambiguous(source.clone()),
+            }
+        }
         if !found {
             if anonymous {
-                out.push_str(ANONYMOUS);
+                out.push_str(ANONYMOUS_MARK);
             } else {
-                return false;
+                return Derived::Missing;
             }
         }
     }
-    true
+    Derived::Present
+}
+
+/// The one value of header `name`: absent when missing or empty, ambiguous when repeated
+/// with different values.
+fn single_header<'h>(
+    headers: &'h http::HeaderMap,
+    name: &http::HeaderName,
+) -> Result<Option<&'h [u8]>, ()> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.any(|other| other != first) {
+        return Err(());
+    }
+    Ok((!first.is_empty()).then_some(first.as_bytes()))
 }
 
 fn append_source(
@@ -162,52 +227,39 @@ fn append_source(
     req: &RequestView<'_>,
     ipv6_prefix: u8,
     out: &mut String,
-) -> bool {
+) -> Found {
+    let mut append = |value: &[u8]| {
+        append_normalized(value, out);
+        Found::Appended
+    };
     match source {
         KeySource::Ip => {
             append_ip(req.client_ip, ipv6_prefix, out);
-            true
+            Found::Appended
         }
-        KeySource::Header(name) => match req.headers.get(name) {
-            Some(v) if !v.is_empty() => {
-                append_normalized(v.as_bytes(), out);
-                true
-            }
-            _ => false,
+        KeySource::Header(name) => match single_header(req.headers, name) {
+            Ok(Some(v)) => append(v),
+            Ok(None) => Found::Absent,
+            Err(()) => Found::Ambiguous,
         },
-        KeySource::Query(name) => match req.query.and_then(|q| query_value(q, name)) {
-            Some(v) if !v.is_empty() => {
-                append_normalized(&v, out);
-                true
-            }
-            _ => false,
+        KeySource::Query(name) => match req.query.map(|q| query_single(q, name)) {
+            Some(Ok(Some(v))) if !v.is_empty() => append(&v),
+            Some(Err(())) => Found::Ambiguous,
+            _ => Found::Absent,
         },
-        KeySource::Path => {
-            append_normalized(req.path.as_bytes(), out);
-            true
-        }
+        KeySource::Path => append(req.path.as_bytes()),
         KeySource::PathParam(name) => match req.path_params.and_then(|c| c.name(name)) {
             Some(m) if !m.as_str().is_empty() => {
-                append_normalized(m.as_str().as_bytes(), out);
-                true
+                append(&crate::normalize::decode_component(m.as_str()))
             }
-            _ => false,
+            _ => Found::Absent,
         },
-        KeySource::Method => {
-            append_normalized(req.method.as_bytes(), out);
-            true
-        }
+        KeySource::Method => append(req.method.as_bytes()),
         KeySource::Host => match req.host {
-            Some(h) if !h.is_empty() => {
-                append_normalized(h.as_bytes(), out);
-                true
-            }
-            _ => false,
+            Some(h) if !h.is_empty() => append(h.as_bytes()),
+            _ => Found::Absent,
         },
-        KeySource::Literal(text) => {
-            append_normalized(text.as_bytes(), out);
-            true
-        }
+        KeySource::Literal(text) => append(text.as_bytes()),
     }
 }
 
@@ -256,10 +308,10 @@ pub fn append_normalized(value: &[u8], out: &mut String) {
     }
 }
 
-/// Appends a key part's value given as text (admin API): an IP address for a part that can be
-/// `ip` is grouped like a client's; anything else is normalised as usual.
-pub fn append_given(part: &KeyPart, raw: &str, ipv6_prefix: u8, out: &mut String) {
-    if part.alternatives.contains(&KeySource::Ip) {
+/// Appends a value given as text for `source` (admin API, config overrides): an IP address
+/// for an `ip` source is grouped like a client's; anything else is normalised as usual.
+fn append_given_source(source: &KeySource, raw: &str, ipv6_prefix: u8, out: &mut String) {
+    if *source == KeySource::Ip {
         if let Ok(ip) = raw.trim().parse::<IpAddr>() {
             append_ip(canonical(ip), ipv6_prefix, out);
             return;
@@ -268,24 +320,82 @@ pub fn append_given(part: &KeyPart, raw: &str, ipv6_prefix: u8, out: &mut String
     append_normalized(raw.as_bytes(), out);
 }
 
-/// The key value of `spec` from values given per part, in order (admin `?key=A&key=B`).
-pub fn value_from_parts(spec: &KeySpec, given: &[String], ipv6_prefix: u8) -> Option<String> {
+/// The source an alternative's written spec names (`header:X-Api-Key` and `header:x-api-key`
+/// are one source).
+fn source_named<'p>(part: &'p KeyPart, spec: &str) -> Option<&'p KeySource> {
+    let canonical = match spec.split_once(':') {
+        Some(("header", name)) => format!("header:{}", name.to_ascii_lowercase()),
+        _ => spec.to_string(),
+    };
+    part.alternatives.iter().find(|a| a.spec() == canonical)
+}
+
+/// Appends one part's value written as text: `#anonymous` is the anonymous bucket; a part with
+/// alternatives needs `SOURCE=VALUE`.
+pub fn append_given(
+    part: &KeyPart,
+    raw: &str,
+    ipv6_prefix: u8,
+    out: &mut String,
+) -> Result<(), String> {
+    if raw == ANONYMOUS_MARK {
+        out.push_str(ANONYMOUS_MARK);
+        return Ok(());
+    }
+    match part.alternatives.as_slice() {
+        [only] => {
+            append_given_source(only, raw, ipv6_prefix, out);
+            Ok(())
+        }
+        alternatives => {
+            let specs: Vec<String> = alternatives.iter().map(KeySource::spec).collect();
+            let source = raw
+                .split_once(TAG_SEPARATOR)
+                .and_then(|(spec, value)| source_named(part, spec).map(|s| (s, value)));
+            match source {
+                Some((source, value)) if !value.is_empty() => {
+                    out.push_str(&source.spec());
+                    out.push(TAG_SEPARATOR);
+                    append_given_source(source, value, ipv6_prefix, out);
+                    Ok(())
+                }
+                _ => Err(format!(
+                    "key part {:?} has alternatives: write which one the value is for, as \
+                     SOURCE=VALUE with SOURCE one of {specs:?} (got {raw:?})",
+                    specs.join("|")
+                )),
+            }
+        }
+    }
+}
+
+/// The key value of `spec` from values given per part, in order (admin `?key=A&key=B`,
+/// config overrides `"A|B"`).
+pub fn value_from_parts<S: AsRef<str>>(
+    spec: &KeySpec,
+    given: &[S],
+    ipv6_prefix: u8,
+) -> Result<String, String> {
     if given.len() != spec.parts.len() {
-        return None;
+        return Err(format!(
+            "the key has {} part(s), got {} value(s)",
+            spec.parts.len(),
+            given.len()
+        ));
     }
     let mut out = String::new();
     for (i, (part, raw)) in spec.parts.iter().zip(given).enumerate() {
         if i > 0 {
             out.push(PART_SEPARATOR);
         }
-        append_given(part, raw, ipv6_prefix, &mut out);
+        append_given(part, raw.as_ref(), ipv6_prefix, &mut out)?;
     }
-    Some(out)
+    Ok(out)
 }
 
 /// The key value of `spec` from values given by source (`{"ip": "1.2.3.4", "header:x-k": "v"}`,
-/// admin `/v1/check`): each part takes its first alternative present. Returns false when a part
-/// is missing (and `anonymous` is false).
+/// admin `/v1/check`): each part takes its first alternative present, tagged as [`derive`]
+/// tags it. Returns false when a part is missing (and `anonymous` is false).
 pub fn derive_from_sources(
     spec: &KeySpec,
     given: &std::collections::HashMap<String, String>,
@@ -298,32 +408,47 @@ pub fn derive_from_sources(
             out.push(PART_SEPARATOR);
         }
         let found = part.alternatives.iter().find_map(|source| match source {
-            KeySource::Literal(text) => Some(text.as_str()),
-            other => given.get(&other.spec()).map(String::as_str),
+            KeySource::Literal(text) => Some((source, text.as_str())),
+            other => given
+                .get(&other.spec())
+                .filter(|v| !v.is_empty())
+                .map(|v| (source, v.as_str())),
         });
         match found {
-            Some(raw) if !raw.is_empty() => append_given(part, raw, ipv6_prefix, out),
-            _ if anonymous => out.push_str(ANONYMOUS),
-            _ => return false,
+            Some((source, raw)) => {
+                if part.alternatives.len() > 1 {
+                    out.push_str(&source.spec());
+                    out.push(TAG_SEPARATOR);
+                }
+                append_given_source(source, raw, ipv6_prefix, out);
+            }
+            None if anonymous => out.push_str(ANONYMOUS_MARK),
+            None => return false,
         }
     }
     true
 }
 
-/// The normalised form of a key value written in config (overrides, admin queries): its parts,
-/// split on `|`, each normalised.
-pub fn normalize_value<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
-    let mut out = String::new();
-    for (i, part) in parts.into_iter().enumerate() {
-        if i > 0 {
-            out.push(PART_SEPARATOR);
+/// The one percent-decoded value of query parameter `name`: `Ok(None)` when absent, `Err` when
+/// it is repeated with different values (names are compared decoded: `us%65r` is `user`).
+pub fn query_single(query: &str, name: &str) -> Result<Option<Vec<u8>>, ()> {
+    let mut found: Option<Vec<u8>> = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(k.as_bytes()) != name.as_bytes() {
+            continue;
         }
-        append_normalized(part.as_bytes(), &mut out);
+        let value = percent_decode(v.as_bytes());
+        match &found {
+            Some(first) if *first != value => return Err(()),
+            Some(_) => {}
+            None => found = Some(value),
+        }
     }
-    out
+    Ok(found)
 }
 
-/// The percent-decoded value of query parameter `name`, if present.
+/// The percent-decoded value of the first query parameter `name`, if present.
 pub fn query_value(query: &str, name: &str) -> Option<Vec<u8>> {
     query.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));

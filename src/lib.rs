@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`config`]: YAML wire structs, the validated model, errors that name file, field and line.
+//! - [`normalize`]: the one spelling of a request's path, host and method (RFC 3986 6.2.2).
 //! - [`routes`]: the route table (host, method, path), first match wins.
 //! - [`keys`]: key derivation from the request, client IP behind trusted proxies, normalisation.
 //! - [`limiter`]: limits, the `Store` trait, the store slot and its connections, the decider
@@ -23,6 +24,7 @@ pub mod demo;
 pub mod keys;
 pub mod limiter;
 pub mod metrics;
+pub mod normalize;
 pub mod proxy;
 pub mod reload;
 pub mod routes;

@@ -16,16 +16,20 @@ pub enum RequestDecision {
     NoRoute,
     FallbackAllowed,
     FallbackLimited,
+    /// Refused with 400 before any limit was decided: a path with no normal form, or a key
+    /// source repeated with different values.
+    BadRequest,
 }
 
 impl RequestDecision {
-    pub const ALL: [RequestDecision; 6] = [
+    pub const ALL: [RequestDecision; 7] = [
         RequestDecision::Allowed,
         RequestDecision::Limited,
         RequestDecision::ShadowLimited,
         RequestDecision::NoRoute,
         RequestDecision::FallbackAllowed,
         RequestDecision::FallbackLimited,
+        RequestDecision::BadRequest,
     ];
 
     pub fn label(self) -> &'static str {
@@ -36,6 +40,7 @@ impl RequestDecision {
             RequestDecision::NoRoute => "no_route",
             RequestDecision::FallbackAllowed => "fallback_allowed",
             RequestDecision::FallbackLimited => "fallback_limited",
+            RequestDecision::BadRequest => "bad_request",
         }
     }
 
@@ -45,13 +50,14 @@ impl RequestDecision {
 }
 
 /// Every `decision` label, in [`RequestDecision::ALL`] order.
-pub const DECISIONS: [&str; 6] = [
+pub const DECISIONS: [&str; 7] = [
     "allowed",
     "limited",
     "shadow_limited",
     "no_route",
     "fallback_allowed",
     "fallback_limited",
+    "bad_request",
 ];
 /// Store error kinds as the `kind` label of `tollgate_store_errors_total`.
 pub const STORE_ERROR_KINDS: [&str; 3] = ["timeout", "connection", "script"];
@@ -107,6 +113,8 @@ pub struct Metrics {
     pub deny_cache_hits: IntCounter,
     /// Resolved series used on every request.
     pub no_route: IntCounter,
+    /// Requests refused with 400 before a route was chosen (route label "").
+    pub bad_request: IntCounter,
     pub proxy_tasks: IntGauge,
 }
 
@@ -226,6 +234,7 @@ impl Metrics {
             config_reloads.with_label_values(&[result]);
         }
         let no_route = requests.with_label_values(&[NO_ROUTE_LABEL, "no_route"]);
+        let bad_request = requests.with_label_values(&[NO_ROUTE_LABEL, "bad_request"]);
         let proxy_tasks = runtime_tasks.with_label_values(&["proxy"]);
         Ok(Metrics {
             registry,
@@ -242,6 +251,7 @@ impl Metrics {
             runtime_tasks,
             deny_cache_hits,
             no_route,
+            bad_request,
             proxy_tasks,
         })
     }

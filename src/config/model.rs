@@ -7,7 +7,7 @@ use crate::keys::{self, KeyPart, KeySpec};
 pub use crate::limiter::settings::{
     BreakerConfig, Fallback, RedisConfig, RedisMode, StoreConfig, StoreKindConfig,
 };
-use crate::limiter::{Limit, OnMissingKey, Policy, Rate};
+use crate::limiter::{CostHeaderFrom, Limit, OnMissingKey, Policy, Rate};
 use crate::routes::{HeaderFlags, HostMatch, PathMatch, Route, RouteMatch, Router};
 use crate::upstream::{Target, Upstream};
 use ipnet::IpNet;
@@ -54,6 +54,8 @@ pub struct ServerSettings {
     pub threads: usize,
     /// How long SIGTERM waits for in-flight requests.
     pub drain_timeout: Duration,
+    /// What a path's `%2F`, `%5C` and `\` mean.
+    pub escaped_slashes: crate::normalize::EscapedSlashes,
 }
 
 /// Collects problems while building.
@@ -143,6 +145,16 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let server = ServerSettings {
         threads: raw_server.threads.unwrap_or(0),
         drain_timeout: Duration::from_millis(raw_server.drain_timeout_ms.unwrap_or(10_000)),
+        escaped_slashes: match raw_server.escaped_slashes.as_deref() {
+            None => crate::normalize::EscapedSlashes::default(),
+            Some(text) => crate::normalize::EscapedSlashes::parse(text).unwrap_or_else(|| {
+                check.err(
+                    "server.escaped_slashes",
+                    format!("expected reject, keep or decode, got {text:?}"),
+                );
+                crate::normalize::EscapedSlashes::default()
+            }),
+        },
     };
 
     let mut upstreams = BTreeMap::new();
@@ -201,7 +213,14 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 format!("duplicate route name {:?}", r.name),
             );
         }
-        if let Some(route) = build_route(&mut check, &path, r, &upstreams, default_headers) {
+        if let Some(route) = build_route(
+            &mut check,
+            &path,
+            r,
+            &upstreams,
+            default_headers,
+            client_ip.ipv6_prefix,
+        ) {
             routes.push(Arc::new(route));
         }
     }
@@ -369,6 +388,7 @@ fn build_route(
     r: RawRoute,
     upstreams: &BTreeMap<String, Arc<Upstream>>,
     default_headers: HeaderFlags,
+    ipv6_prefix: u8,
 ) -> Option<Route> {
     let before = check.problems.len();
     if !valid_name(&r.name) {
@@ -397,7 +417,7 @@ fn build_route(
                 format!("duplicate limit name {:?}", l.name),
             );
         }
-        if let Some(limit) = build_limit(check, &lpath, l, &capture_names) {
+        if let Some(limit) = build_limit(check, &lpath, l, &capture_names, ipv6_prefix) {
             limits.push(limit);
         }
     }
@@ -415,6 +435,21 @@ fn build_route(
     })
 }
 
+/// A route's path as requests are matched: in normal form (escapes of `/` kept as written, so
+/// they match under `server.escaped_slashes: keep`).
+fn normal_config_path(check: &mut Check, field: &str, written: &str) -> String {
+    if !written.starts_with('/') {
+        return written.to_string();
+    }
+    match crate::normalize::path(written, crate::normalize::EscapedSlashes::Keep) {
+        Ok(normal) => normal.into_owned(),
+        Err(e) => {
+            check.err(field, format!("{written:?}: {e}"));
+            written.to_string()
+        }
+    }
+}
+
 fn build_match(check: &mut Check, path: &str, m: &RawMatch) -> RouteMatch {
     let given = [&m.path, &m.path_prefix, &m.path_regex]
         .iter()
@@ -430,7 +465,7 @@ fn build_match(check: &mut Check, path: &str, m: &RawMatch) -> RouteMatch {
                 format!("must start with '/', got {p:?}"),
             );
         }
-        PathMatch::Exact(p.clone())
+        PathMatch::Exact(normal_config_path(check, &format!("{path}.path"), p))
     } else if let Some(p) = &m.path_prefix {
         if !p.starts_with('/') {
             check.err(
@@ -438,7 +473,7 @@ fn build_match(check: &mut Check, path: &str, m: &RawMatch) -> RouteMatch {
                 format!("must start with '/', got {p:?}"),
             );
         }
-        PathMatch::Prefix(p.clone())
+        PathMatch::Prefix(normal_config_path(check, &format!("{path}.path_prefix"), p))
     } else if let Some(re) = &m.path_regex {
         match Regex::new(re) {
             Ok(compiled) => PathMatch::Regex(compiled),
@@ -524,6 +559,7 @@ fn build_limit(
     path: &str,
     l: RawLimit,
     capture_names: &HashSet<String>,
+    ipv6_prefix: u8,
 ) -> Option<Limit> {
     let before = check.problems.len();
     if !valid_name(&l.name) {
@@ -565,6 +601,23 @@ fn build_limit(
         },
         None => None,
     };
+    let cost_header_from = match l.cost_header_from.as_deref() {
+        None | Some("trusted_proxies") => CostHeaderFrom::TrustedProxies,
+        Some("any") => CostHeaderFrom::Any,
+        Some(other) => {
+            check.err(
+                format!("{path}.cost_header_from"),
+                format!("expected trusted_proxies or any, got {other:?}"),
+            );
+            CostHeaderFrom::TrustedProxies
+        }
+    };
+    if l.cost_header_from.is_some() && cost_header.is_none() {
+        check.err(
+            format!("{path}.cost_header_from"),
+            "only applies with cost_header",
+        );
+    }
     let mut overrides = HashMap::new();
     for (value, o) in &l.overrides {
         let opath = format!("{path}.overrides.{value}");
@@ -596,9 +649,14 @@ fn build_limit(
                 }
             },
         };
-        if let Some(p) = overridden {
-            let parts = value.split(keys::PART_SEPARATOR);
-            overrides.insert(keys::normalize_value(parts), p);
+        let parts: Vec<&str> = value.split(keys::PART_SEPARATOR).collect();
+        match keys::value_from_parts(&key, &parts, ipv6_prefix) {
+            Ok(normal) => {
+                if let Some(p) = overridden {
+                    overrides.insert(normal, p);
+                }
+            }
+            Err(msg) => check.err(&opath, msg),
         }
     }
     if let Some(p) = policy {
@@ -621,6 +679,7 @@ fn build_limit(
         policy: policy?,
         cost,
         cost_header,
+        cost_header_from,
         on_missing_key: match l.on_missing_key {
             RawOnMissingKey::Skip => OnMissingKey::Skip,
             RawOnMissingKey::Deny => OnMissingKey::Deny,

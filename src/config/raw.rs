@@ -107,12 +107,14 @@ pub struct RawHeaders {
     pub ietf: Option<bool>,
 }
 
-/// Process settings that are read once at start (a reload that changes them is logged, not applied).
+/// Process settings: `threads` and `drain_timeout_ms` are read once at start; `escaped_slashes`
+/// applies to requests from the generation that sets it.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub threads: Option<usize>,
     pub drain_timeout_ms: Option<u64>,
+    pub escaped_slashes: Option<String>,
 }
 
 /// The level of the one-line-per-request access log.
@@ -178,6 +180,7 @@ pub struct RawLimit {
     pub burst: Option<u64>,
     pub cost: Option<u64>,
     pub cost_header: Option<String>,
+    pub cost_header_from: Option<String>,
     #[serde(default)]
     pub on_missing_key: RawOnMissingKey,
     #[serde(default)]

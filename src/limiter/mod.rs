@@ -135,6 +135,16 @@ pub enum OnMissingKey {
     Anonymous,
 }
 
+/// Whose `cost_header` a limit believes: a client could otherwise lower its own cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CostHeaderFrom {
+    /// Only a request whose direct peer is in `client_ip.trusted_proxies` (the default).
+    #[default]
+    TrustedProxies,
+    /// Any client (`cost_header_from: any`): an explicit opt-in.
+    Any,
+}
+
 /// One limit of a route, validated.
 #[derive(Debug)]
 pub struct Limit {
@@ -143,8 +153,10 @@ pub struct Limit {
     pub policy: Policy,
     pub cost: u64,
     pub cost_header: Option<http::HeaderName>,
+    /// Whose `cost_header` is believed.
+    pub cost_header_from: CostHeaderFrom,
     pub on_missing_key: OnMissingKey,
-    /// By normalised key value (see [`crate::keys::normalize_value`]).
+    /// By key value, as [`crate::keys::value_from_parts`] writes it.
     pub overrides: HashMap<String, Policy>,
 }
 

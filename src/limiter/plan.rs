@@ -2,8 +2,8 @@
 //! from the store's outcomes to one [`Decision`] for the request. A cost above a limit's burst
 //! is found here ([`CapacityExceeded`]): such a request can never pass ([`RetryAfter::Never`]).
 
-use super::{BucketOutcome, BucketRequest, Limit, OnMissingKey, Policy};
-use crate::keys::{self, RequestView};
+use super::{BucketOutcome, BucketRequest, CostHeaderFrom, Limit, OnMissingKey, Policy};
+use crate::keys::{self, Derived, RequestView};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -18,6 +18,9 @@ pub struct Plan {
     /// Requests (by index) whose cost exceeds their limit's burst (the policy in force, after
     /// overrides, before any fallback share): they can never pass.
     pub exceeds_capacity: Vec<(usize, CapacityExceeded)>,
+    /// A key source repeated with different values: the request is refused (400) and nothing
+    /// is decided.
+    pub ambiguous: Option<keys::KeySource>,
 }
 
 /// A request that costs more than a limit's bucket can ever hold.
@@ -97,10 +100,19 @@ pub fn plan(route: &str, limits: &[Limit], req: &RequestView<'_>, ipv6_prefix: u
     for limit in limits {
         let mut value = String::new();
         let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
-        let present = keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut value);
+        let present = match keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut value) {
+            Derived::Present => true,
+            Derived::Missing => false,
+            Derived::Ambiguous(source) => {
+                plan.ambiguous = Some(source);
+                return plan;
+            }
+        };
+        let cost_believed = limit.cost_header_from == CostHeaderFrom::Any || req.peer_trusted;
         let cost = limit
             .cost_header
             .as_ref()
+            .filter(|_| cost_believed)
             .and_then(|h| req.headers.get(h))
             .and_then(|v| v.to_str().ok())
             .and_then(|v| cost_value(v.trim()))

@@ -13,13 +13,14 @@ use crate::limiter::decider::{DecidedBy, Verdict};
 use crate::limiter::plan::{self, Decision};
 use crate::limiter::StoreKind;
 use crate::metrics::{status_class, RequestDecision, RouteStats, NO_ROUTE_LABEL};
-use crate::routes::normalize_host;
+use crate::normalize;
 use crate::routes::Route;
 use crate::state::Shared;
 use async_trait::async_trait;
 use bytes::Bytes;
 use ctx::Ctx;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::protocols::http::authority::raw_target_authority;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
@@ -48,9 +49,80 @@ impl Gateway {
         ctx.counted_as = Some(decision);
         match route {
             Some(route) => self.stats(route).decision(decision).inc(),
+            None if decision == RequestDecision::BadRequest => {
+                self.shared.metrics.bad_request.inc()
+            }
             None => self.shared.metrics.no_route.inc(),
         }
     }
+}
+
+/// Why a request has no normal form: answered 400 with this problem code and detail.
+struct Refusal {
+    code: &'static str,
+    detail: String,
+}
+
+/// Rewrites the request to its one spelling, in place, so that routing, keys and the upstream
+/// all see the same thing: the method upper-case, the target in origin form with a normal path
+/// (the query as sent), and `Host` set from an absolute-form target that came without one.
+/// Returns the normal host (lower-case, no port, no trailing dot) for routing.
+fn normalize_request(
+    req: &mut RequestHeader,
+    slashes: normalize::EscapedSlashes,
+) -> std::result::Result<Option<String>, Refusal> {
+    if !req.raw_path_is_utf8() {
+        return Err(Refusal {
+            code: "bad_path",
+            detail: "the request target is not UTF-8".into(),
+        });
+    }
+    if let Some(upper) = normalize::method(&req.method) {
+        req.set_method(upper);
+    }
+    let absolute = raw_target_authority(req.raw_path())
+        .authority()
+        .map(<[u8]>::to_vec);
+    let host_header = match req.headers.get(http::header::HOST) {
+        Some(value) => Some(value.to_str().map_err(|_| Refusal {
+            code: "bad_host",
+            detail: "the Host header is not visible ASCII".into(),
+        })?),
+        None => None,
+    };
+    let host = host_header
+        .map(normalize::host)
+        .or_else(|| {
+            absolute
+                .as_deref()
+                .map(|a| normalize::host(&String::from_utf8_lossy(a)))
+        })
+        .or_else(|| req.uri.authority().map(|a| normalize::host(a.as_str())));
+    let path = normalize::path(req.uri.path(), slashes).map_err(|e| Refusal {
+        code: e.code(),
+        detail: e.to_string(),
+    })?;
+    if matches!(path, std::borrow::Cow::Borrowed(_)) && absolute.is_none() {
+        return Ok(host);
+    }
+    let mut target = path.into_owned();
+    if let Some(query) = req.uri.query() {
+        target.push('?');
+        target.push_str(query);
+    }
+    if let (Some(authority), None) = (&absolute, host_header) {
+        let value = http::HeaderValue::from_bytes(authority).map_err(|_| Refusal {
+            code: "bad_host",
+            detail: "the request target's authority is not a valid Host".into(),
+        })?;
+        // Cannot fail for a valid header value.
+        let _ = req.insert_header(http::header::HOST, value);
+    }
+    req.set_raw_path(target.as_bytes()).map_err(|e| Refusal {
+        code: "bad_path",
+        detail: format!("the normalised target is not valid: {e}"),
+    })?;
+    Ok(host)
 }
 
 fn peer_ip(session: &Session) -> IpAddr {
@@ -78,13 +150,22 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let config = self.shared.config();
         let peer = peer_ip(session);
+        let host = match normalize_request(session.req_header_mut(), config.server.escaped_slashes)
+        {
+            Ok(host) => host,
+            Err(refusal) => {
+                self.count(None, RequestDecision::BadRequest, ctx);
+                ctx.config = Some(config);
+                let (resp, body) = response::problem_with_detail(
+                    400,
+                    "Bad Request",
+                    refusal.code,
+                    Some(&refusal.detail),
+                )?;
+                return send(session, resp, body).await;
+            }
+        };
         let req = session.req_header();
-        let host = req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri.authority().map(|a| a.as_str()))
-            .map(normalize_host);
         let path = req.uri.path();
         let Some(route) = config
             .router
@@ -114,6 +195,11 @@ impl ProxyHttp for Gateway {
             } else {
                 None
             };
+            let peer_trusted = config
+                .client_ip
+                .trusted_proxies
+                .iter()
+                .any(|net| net.contains(&keys::canonical(peer)));
             let view = RequestView {
                 method: req.method.as_str(),
                 host: host.as_deref(),
@@ -121,6 +207,7 @@ impl ProxyHttp for Gateway {
                 query: req.uri.query(),
                 headers: &req.headers,
                 client_ip,
+                peer_trusted,
                 path_params: captures.as_ref(),
             };
             let plan = plan::plan(
@@ -129,6 +216,22 @@ impl ProxyHttp for Gateway {
                 &view,
                 config.client_ip.ipv6_prefix,
             );
+            if let Some(source) = &plan.ambiguous {
+                self.count(Some(&route), RequestDecision::BadRequest, ctx);
+                let detail = format!(
+                    "the key source {} appears more than once with different values",
+                    source.spec()
+                );
+                let (resp, body) = response::problem_with_detail(
+                    400,
+                    "Bad Request",
+                    "ambiguous_key",
+                    Some(&detail),
+                )?;
+                ctx.route = Some(route);
+                ctx.config = Some(config);
+                return send(session, resp, body).await;
+            }
             let slot = self.shared.store();
             match self
                 .shared

@@ -146,15 +146,26 @@ pub fn too_many_requests(
 
 /// A small problem+json response the gateway writes itself (404 no route, 503 fallback deny).
 pub fn problem(status: u16, title: &str, error: &str) -> pingora::Result<(ResponseHeader, Bytes)> {
-    let body = Bytes::from(
-        serde_json::json!({
-            "type": "about:blank",
-            "title": title,
-            "status": status,
-            "error": error,
-        })
-        .to_string(),
-    );
+    problem_with_detail(status, title, error, None)
+}
+
+/// An RFC 9457 problem response with an optional human-readable `detail`.
+pub fn problem_with_detail(
+    status: u16,
+    title: &str,
+    error: &str,
+    detail: Option<&str>,
+) -> pingora::Result<(ResponseHeader, Bytes)> {
+    let mut value = serde_json::json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "error": error,
+    });
+    if let (Some(detail), Some(map)) = (detail, value.as_object_mut()) {
+        map.insert("detail".into(), detail.into());
+    }
+    let body = Bytes::from(value.to_string());
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header("Content-Type", PROBLEM_JSON)?;
     resp.insert_header("Content-Length", body.len().to_string())?;
