@@ -184,8 +184,19 @@ async fn bad_admin_requests_get_4xx_json_never_500() {
             413,
             "body_too_large",
         ),
-        (c.put(gw.admin_url("/v1/check")), 405, "method_not_allowed"),
-        (c.post(gw.admin_url("/health")), 405, "method_not_allowed"),
+        (
+            c.put(gw.admin_url("/v1/check")).bearer_auth("s3cret"),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            c.post(gw.admin_url("/health")).bearer_auth("s3cret"),
+            405,
+            "method_not_allowed",
+        ),
+        // Anything but a read needs the token, whatever the endpoint.
+        (c.put(gw.admin_url("/v1/check")), 401, "unauthorized"),
+        (c.post(gw.admin_url("/health")), 401, "unauthorized"),
         (c.get(gw.admin_url("/v2/anything")), 404, "not_found"),
         (
             c.get(gw.admin_url("/v1/limits/api/per-ip?key=%ff%fe")),

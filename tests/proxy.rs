@@ -353,7 +353,7 @@ routes:
   - name: cost
     match: { path: "/cost" }
     upstream: app
-    limits: [ { name: l, key: ["ip"], rate: "5/m", burst: 5, cost_header: "X-Cost" } ]
+    limits: [ { name: l, key: ["ip"], rate: "5/m", burst: 5, cost_header: "X-Cost", cost_header_from: any } ]
 "#,
         &up,
     )
@@ -594,7 +594,7 @@ routes:
     match: {{ path: "/costly" }}
     upstream: app
     limits:
-      - {{ name: cheap, key: ["ip"], rate: "5/h", burst: 5, cost_header: X-Cost }}
+      - {{ name: cheap, key: ["ip"], rate: "5/h", burst: 5, cost_header: X-Cost, cost_header_from: any }}
       - {{ name: roomy, key: ["ip"], rate: "1/h", burst: 100 }}
   - name: pair
     match: {{ path: "/pair" }}

@@ -71,9 +71,17 @@ async fn serve(std_listener: StdListener, counter: Arc<AtomicUsize>) {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("")
                         .to_string();
+                    let host = req
+                        .headers()
+                        .get("host")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_string();
                     let body = serde_json::json!({
                         "method": req.method().as_str(),
                         "path": req.uri().path(),
+                        "query": query,
+                        "host": host,
                         "xff": xff,
                     })
                     .to_string();
@@ -88,7 +96,8 @@ async fn serve(std_listener: StdListener, counter: Arc<AtomicUsize>) {
 }
 
 /// A real HTTP/1.1 server on loopback. `GET /slow?ms=N` answers after N ms; everything else
-/// answers 200 at once with a JSON echo of the method, path and X-Forwarded-For it received.
+/// answers 200 at once with a JSON echo of the method, path, query, Host and X-Forwarded-For it
+/// received.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
