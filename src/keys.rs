@@ -206,20 +206,31 @@ pub fn derive(
     Derived::Present
 }
 
-/// The one value of header `name`: absent when missing or empty, ambiguous when repeated
-/// with different values.
-fn single_header<'h>(
-    headers: &'h http::HeaderMap,
-    name: &http::HeaderName,
-) -> Result<Option<&'h [u8]>, ()> {
+/// A header or query parameter that may be sent more than once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Single<T> {
+    /// Not sent (or, for a header, sent empty).
+    Absent,
+    /// Sent once, or repeated with the same value.
+    One(T),
+    /// Repeated with different values.
+    Conflicting,
+}
+
+/// The one value of header `name`.
+fn single_header<'h>(headers: &'h http::HeaderMap, name: &http::HeaderName) -> Single<&'h [u8]> {
     let mut values = headers.get_all(name).iter();
     let Some(first) = values.next() else {
-        return Ok(None);
+        return Single::Absent;
     };
     if values.any(|other| other != first) {
-        return Err(());
+        return Single::Conflicting;
     }
-    Ok((!first.is_empty()).then_some(first.as_bytes()))
+    if first.is_empty() {
+        Single::Absent
+    } else {
+        Single::One(first.as_bytes())
+    }
 }
 
 fn append_source(
@@ -238,13 +249,13 @@ fn append_source(
             Found::Appended
         }
         KeySource::Header(name) => match single_header(req.headers, name) {
-            Ok(Some(v)) => append(v),
-            Ok(None) => Found::Absent,
-            Err(()) => Found::Ambiguous,
+            Single::One(v) => append(v),
+            Single::Absent => Found::Absent,
+            Single::Conflicting => Found::Ambiguous,
         },
         KeySource::Query(name) => match req.query.map(|q| query_single(q, name)) {
-            Some(Ok(Some(v))) if !v.is_empty() => append(&v),
-            Some(Err(())) => Found::Ambiguous,
+            Some(Single::One(v)) if !v.is_empty() => append(&v),
+            Some(Single::Conflicting) => Found::Ambiguous,
             _ => Found::Absent,
         },
         KeySource::Path => append(req.path.as_bytes()),
@@ -429,9 +440,9 @@ pub fn derive_from_sources(
     true
 }
 
-/// The one percent-decoded value of query parameter `name`: `Ok(None)` when absent, `Err` when
-/// it is repeated with different values (names are compared decoded: `us%65r` is `user`).
-pub fn query_single(query: &str, name: &str) -> Result<Option<Vec<u8>>, ()> {
+/// The one percent-decoded value of query parameter `name` (names are compared decoded:
+/// `us%65r` is `user`).
+pub fn query_single(query: &str, name: &str) -> Single<Vec<u8>> {
     let mut found: Option<Vec<u8>> = None;
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -440,12 +451,12 @@ pub fn query_single(query: &str, name: &str) -> Result<Option<Vec<u8>>, ()> {
         }
         let value = percent_decode(v.as_bytes());
         match &found {
-            Some(first) if *first != value => return Err(()),
+            Some(first) if *first != value => return Single::Conflicting,
             Some(_) => {}
             None => found = Some(value),
         }
     }
-    Ok(found)
+    found.map_or(Single::Absent, Single::One)
 }
 
 /// The percent-decoded value of the first query parameter `name`, if present.

@@ -66,18 +66,23 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
+/// A byte a path may hold as it is (RFC 3986 `pchar` and `/`, plus `%` of an escape).
+fn allowed_raw(b: u8) -> bool {
+    unreserved(b) || b"!$&'()*+,;=:@/%".contains(&b)
+}
+
 fn hex_value(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
 const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
-/// Whether `path` is already in normal form, judged cheaply: no escapes, no backslash, no
-/// empty segment and no segment starting with a dot.
+/// Whether `path` is already in normal form, judged cheaply: no escapes, only bytes a path may
+/// hold as they are, no empty segment and no segment starting with a dot.
 fn plainly_normal(path: &str) -> bool {
     let bytes = path.as_bytes();
     bytes.first() == Some(&b'/')
-        && !bytes.iter().any(|&b| b == b'%' || b == b'\\')
+        && bytes.iter().all(|&b| b != b'%' && allowed_raw(b))
         && !bytes
             .windows(2)
             .any(|w| w[0] == b'/' && (w[1] == b'/' || w[1] == b'.'))
@@ -137,8 +142,17 @@ pub fn path(raw: &str, slashes: EscapedSlashes) -> Result<Cow<'_, str>, PathErro
                 }
                 i += 1;
             }
-            b => {
+            b if allowed_raw(b) => {
                 decoded.push(b);
+                i += 1;
+            }
+            // Anything else (non-ASCII, `"`, `{`, ...) has one spelling: escaped, upper-case.
+            b => {
+                decoded.extend_from_slice(&[
+                    b'%',
+                    HEX_UPPER[(b >> 4) as usize],
+                    HEX_UPPER[(b & 15) as usize],
+                ]);
                 i += 1;
             }
         }
@@ -163,8 +177,9 @@ pub fn path(raw: &str, slashes: EscapedSlashes) -> Result<Cow<'_, str>, PathErro
     let mut out = String::with_capacity(decoded.len());
     for segment in &segments {
         out.push('/');
-        // Every byte came from a `&str` or is ASCII; a decoded escape is unreserved ASCII.
-        out.push_str(&String::from_utf8_lossy(segment));
+        // Every byte is ASCII: raw bytes are allowed ASCII or escaped, escapes decode only to
+        // unreserved ASCII.
+        out.extend(segment.iter().map(|&b| b as char));
     }
     if segments.is_empty() || trailing_slash {
         out.push('/');
@@ -272,6 +287,17 @@ mod tests {
         assert_eq!(norm("/a%3fb%c3%a9").as_deref(), Ok("/a%3Fb%C3%A9"));
         assert_eq!(norm("/a%20b").as_deref(), Ok("/a%20b"));
         assert_eq!(norm("/a%00").as_deref(), Ok("/a%00"));
+    }
+
+    #[test]
+    fn raw_bytes_outside_a_path_are_escaped() {
+        assert_eq!(norm("/caf\u{e9}").as_deref(), Ok("/caf%C3%A9"));
+        assert_eq!(norm("/caf%c3%a9").as_deref(), Ok("/caf%C3%A9"));
+        assert_eq!(norm("/a\"b{c}").as_deref(), Ok("/a%22b%7Bc%7D"));
+        assert_eq!(
+            norm("/a:b@c!$&'()*+,;=").as_deref(),
+            Ok("/a:b@c!$&'()*+,;=")
+        );
     }
 
     #[test]

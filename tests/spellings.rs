@@ -200,6 +200,13 @@ async fn escaped_slashes_follow_the_configured_policy() {
         ] {
             let reply = get(p, spelling, "");
             assert_eq!(reply.status, 400, "{spelling}: {reply:?}");
+            assert!(
+                reply
+                    .head
+                    .to_ascii_lowercase()
+                    .contains("content-type: application/problem+json"),
+                "{reply:?}"
+            );
             let body = reply.json();
             assert!(
                 body["error"] == "escaped_slash" || body["error"] == "bad_percent_encoding",

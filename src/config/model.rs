@@ -709,6 +709,36 @@ mod tests {
     }
 
     #[test]
+    fn overrides_of_parts_with_alternatives_name_their_source() {
+        let tagged = r#"{ name: l, key: ["header:x-k|ip", "method"], rate: "1/s", overrides: { "header:X-K=gold|GET": { burst: 5 }, "ip=10.0.0.1|POST": { burst: 5 } } }"#;
+        assert_eq!(problems(tagged), Vec::<String>::new());
+        let untagged = problems(
+            r#"{ name: l, key: ["header:x-k|ip"], rate: "1/s", overrides: { "gold": { burst: 5 } } }"#,
+        );
+        assert_eq!(untagged.len(), 1, "{untagged:?}");
+        assert!(
+            untagged[0].starts_with("routes[0].limits[0].overrides.gold: ")
+                && untagged[0].contains("SOURCE=VALUE"),
+            "{untagged:?}"
+        );
+        let wrong_count = problems(
+            r#"{ name: l, key: ["ip", "method"], rate: "1/s", overrides: { "1.2.3.4": { burst: 5 } } }"#,
+        );
+        assert_eq!(wrong_count.len(), 1, "{wrong_count:?}");
+        let cost_from =
+            problems(r#"{ name: l, key: ["ip"], rate: "1/s", cost_header_from: anyone }"#);
+        assert_eq!(cost_from.len(), 2, "{cost_from:?}");
+        let slashes = parse(
+            "server: { escaped_slashes: maybe }\nupstreams: { app: { targets: [\"127.0.0.1:9\"] } }\nroutes: [ { name: r, upstream: app } ]\n",
+            "t.yaml",
+        );
+        assert!(
+            matches!(&slashes, Err(ConfigError::Invalid { problems, .. }) if problems[0].path == "server.escaped_slashes"),
+            "{slashes:?}"
+        );
+    }
+
+    #[test]
     fn rates_and_bursts_both_stores_cannot_hold_exactly_are_rejected() {
         let fine = r#"{ name: l, key: ["ip"], rate: "1000000/s", burst: 5 }"#;
         assert_eq!(problems(fine), Vec::<String>::new());
