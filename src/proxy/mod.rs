@@ -1,5 +1,6 @@
 //! The Pingora `ProxyHttp` implementation: the request's path through the gateway.
 //!
+//! `early_request_filter` turns on HTTP/1.1 pipelining for the downstream connection;
 //! `request_filter` matches the route, derives keys and decides every limit (writing a 429 or
 //! 404 itself when it must); `upstream_peer` picks a target round-robin; `response_filter` adds
 //! the rate-limit headers; `fail_to_connect`/`fail_to_proxy` turn upstream failures into 502/504;
@@ -26,7 +27,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The gateway's proxy logic.
 pub struct Gateway {
@@ -133,7 +134,43 @@ fn peer_ip(session: &Session) -> IpAddr {
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
 
+/// The largest unread request body the gateway reads past (and drops) after answering a request
+/// itself, to keep the connection open for the next request.
+const SKIP_BODY_MAX: usize = 64 * 1024;
+/// How long reading past that body may take before the connection is closed instead.
+const SKIP_BODY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Before the gateway answers a request itself (429, 404, 400, 503): whether the connection can
+/// stay open although the request's body was never read. By default Pingora answers such a
+/// request with `Connection: close` and closes, which also drops whatever the client pipelined
+/// behind the body. A small body of known length (`Content-Length` up to `SKIP_BODY_MAX`, no
+/// `Expect` such as `100-continue`) is instead read and dropped after the answer, within
+/// `SKIP_BODY_TIMEOUT`, so that the next request is read and answered on the same connection.
+/// Chunked or larger bodies, and bodies the client waits to send, keep Pingora's close: the
+/// gateway does not spend bandwidth receiving uploads it has refused.
+fn keep_alive_past_unread_body(session: &mut Session) {
+    if session.is_body_done() {
+        return;
+    }
+    let headers = &session.req_header().headers;
+    if headers.contains_key(http::header::EXPECT)
+        || headers.contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return;
+    }
+    let small = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| len <= SKIP_BODY_MAX);
+    if small {
+        session.set_close_on_response_before_downstream_finish(false);
+        session.set_total_drain_timeout(Some(SKIP_BODY_TIMEOUT));
+    }
+}
+
 async fn send(session: &mut Session, resp: ResponseHeader, body: Bytes) -> Result<bool> {
+    keep_alive_past_unread_body(session);
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)
@@ -145,6 +182,19 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> Ctx {
         Ctx::new(self.shared.enter())
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // HTTP/1.1 pipelining (RFC 9112 §9.3.2). Pingora 0.9 leaves it off: bytes read past the
+        // end of a request (the next pipelined request) then make the connection unreusable, so
+        // the client got its first answer with `Connection: keep-alive`, then EOF; and a request
+        // that arrived while the previous one was still being proxied failed that one with a 400
+        // ("Sent data after end of body"). On, Pingora hands those bytes to the next request on
+        // the connection, which goes through every phase here like any other; requests are
+        // served one at a time and answered in order. Pingora carries the flag to the next
+        // request on the connection; setting it on each costs nothing.
+        session.set_pipelining_enabled(true);
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
