@@ -52,20 +52,15 @@ fn ms(ns: u64) -> u64 {
     ns.div_ceil(1_000_000)
 }
 
-/// Percent-decoded values of every `name=` parameter, in order.
+/// Percent-decoded values of every `name=` parameter (names compared decoded), in order.
 fn query_all(query: Option<&str>, name: &str) -> Vec<String> {
     let Some(query) = query else {
         return Vec::new();
     };
     query
         .split('&')
-        .filter_map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (k == name).then(|| {
-                let decoded = keys::query_value(pair, k).unwrap_or_else(|| v.as_bytes().to_vec());
-                String::from_utf8_lossy(&decoded).into_owned()
-            })
-        })
+        .filter_map(|pair| keys::query_value(pair, name))
+        .map(|decoded| String::from_utf8_lossy(&decoded).into_owned())
         .collect()
 }
 

@@ -218,7 +218,10 @@ pub enum Single<T> {
 }
 
 /// The one value of header `name`.
-fn single_header<'h>(headers: &'h http::HeaderMap, name: &http::HeaderName) -> Single<&'h [u8]> {
+pub fn single_header<'h>(
+    headers: &'h http::HeaderMap,
+    name: &http::HeaderName,
+) -> Single<&'h [u8]> {
     let mut values = headers.get_all(name).iter();
     let Some(first) = values.next() else {
         return Single::Absent;
@@ -319,8 +322,8 @@ pub fn append_normalized(value: &[u8], out: &mut String) {
     }
 }
 
-/// Appends a value given as text for `source` (admin API, config overrides): an IP address
-/// for an `ip` source is grouped like a client's; anything else is normalised as usual.
+/// Appends a value given as text for `source` (admin `/v1/check`): an IP address for an `ip`
+/// source is grouped like a client's; anything else is normalised as usual.
 fn append_given_source(source: &KeySource, raw: &str, ipv6_prefix: u8, out: &mut String) {
     if *source == KeySource::Ip {
         if let Ok(ip) = raw.trim().parse::<IpAddr>() {
@@ -329,6 +332,23 @@ fn append_given_source(source: &KeySource, raw: &str, ipv6_prefix: u8, out: &mut
         }
     }
     append_normalized(raw.as_bytes(), out);
+}
+
+/// As [`append_given_source`], for a value an operator names a bucket by (config overrides,
+/// admin `?key=`): a value for an `ip` source that is no IP address names no bucket.
+fn append_named_source(
+    source: &KeySource,
+    raw: &str,
+    ipv6_prefix: u8,
+    out: &mut String,
+) -> Result<(), String> {
+    if *source == KeySource::Ip && raw.trim().parse::<IpAddr>().is_err() {
+        return Err(format!(
+            "{raw:?} is not an IP address, so no client's ip part can be it"
+        ));
+    }
+    append_given_source(source, raw, ipv6_prefix, out);
+    Ok(())
 }
 
 /// The source an alternative's written spec names (`header:X-Api-Key` and `header:x-api-key`
@@ -342,7 +362,7 @@ fn source_named<'p>(part: &'p KeyPart, spec: &str) -> Option<&'p KeySource> {
 }
 
 /// Appends one part's value written as text: `#anonymous` is the anonymous bucket; a part with
-/// alternatives needs `SOURCE=VALUE`.
+/// alternatives needs `SOURCE=VALUE`; a part with one source takes `VALUE` or `SOURCE=VALUE`.
 pub fn append_given(
     part: &KeyPart,
     raw: &str,
@@ -353,29 +373,24 @@ pub fn append_given(
         out.push_str(ANONYMOUS_MARK);
         return Ok(());
     }
-    match part.alternatives.as_slice() {
-        [only] => {
-            append_given_source(only, raw, ipv6_prefix, out);
-            Ok(())
+    let tagged = raw
+        .split_once(TAG_SEPARATOR)
+        .and_then(|(spec, value)| source_named(part, spec).map(|s| (s, value)));
+    match (part.alternatives.as_slice(), tagged) {
+        ([only], None) => append_named_source(only, raw, ipv6_prefix, out),
+        ([only], Some((_, value))) => append_named_source(only, value, ipv6_prefix, out),
+        (_, Some((source, value))) if !value.is_empty() => {
+            out.push_str(&source.spec());
+            out.push(TAG_SEPARATOR);
+            append_named_source(source, value, ipv6_prefix, out)
         }
-        alternatives => {
+        (alternatives, _) => {
             let specs: Vec<String> = alternatives.iter().map(KeySource::spec).collect();
-            let source = raw
-                .split_once(TAG_SEPARATOR)
-                .and_then(|(spec, value)| source_named(part, spec).map(|s| (s, value)));
-            match source {
-                Some((source, value)) if !value.is_empty() => {
-                    out.push_str(&source.spec());
-                    out.push(TAG_SEPARATOR);
-                    append_given_source(source, value, ipv6_prefix, out);
-                    Ok(())
-                }
-                _ => Err(format!(
-                    "key part {:?} has alternatives: write which one the value is for, as \
-                     SOURCE=VALUE with SOURCE one of {specs:?} (got {raw:?})",
-                    specs.join("|")
-                )),
-            }
+            Err(format!(
+                "key part {:?} has alternatives: write which one the value is for, as \
+                 SOURCE=VALUE with SOURCE one of {specs:?} (got {raw:?})",
+                specs.join("|")
+            ))
         }
     }
 }

@@ -9,6 +9,7 @@
 //!   (deny cache, breaker, one deadline, fallback), token-bucket arithmetic, memory and Redis
 //!   stores, planning.
 //! - [`upstream`]: upstream groups, round robin, timeouts.
+//! - [`redact`]: log output without credentials (Pingora logs raw request bytes it cannot parse).
 //! - [`proxy`]: the Pingora `ProxyHttp` phases and the responses the gateway writes itself.
 //! - [`admin`]: health, readiness and metrics on the admin listener.
 //! - [`metrics`]: every Prometheus family, registered once.
@@ -26,6 +27,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod normalize;
 pub mod proxy;
+pub mod redact;
 pub mod reload;
 pub mod routes;
 pub mod server;

@@ -56,7 +56,7 @@ fn init_logging(json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_writer(tollgate::redact::RedactingStderr);
     if json {
         builder.json().init();
     } else {

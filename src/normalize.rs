@@ -212,20 +212,51 @@ pub fn decode_component(value: &str) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// The request's host: lower-case, without port and without a trailing dot.
-pub fn host(raw: &str) -> String {
-    let raw = raw.trim();
-    let without_port = if let Some(rest) = raw.strip_prefix('[') {
-        // [v6]:port
-        rest.split(']').next().unwrap_or(rest)
-    } else {
-        match raw.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => raw,
+/// Why a Host (or a target's authority) has no normal form: answered 400.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HostError(pub &'static str);
+
+/// The request's host: lower-case, without port and without a trailing dot. Only what RFC 3986
+/// allows a Host to be is accepted: a name of letters, digits, `-`, `_` and `.` with no empty
+/// label, an IPv4 address, or a bracketed IPv6 address, each with an optional numeric port.
+/// Anything else (`api.example.com:abc`, `a..b`, `a/b`, an empty Host) is refused, since an
+/// upstream may read it differently (NGINX cuts a Host at its first `:`).
+pub fn host(raw: &str) -> Result<String, HostError> {
+    let port_ok = |port: &str| port.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = raw.strip_prefix('[') {
+        let (inside, after) = rest
+            .split_once(']')
+            .ok_or(HostError("an IPv6 Host needs its closing ']'"))?;
+        let port_ok = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        if !port_ok || inside.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(HostError(
+                "the Host is not [IPv6] with an optional numeric port",
+            ));
         }
+        return Ok(inside.to_ascii_lowercase());
+    }
+    let name = match raw.split_once(':') {
+        Some((name, port)) if port_ok(port) => name,
+        Some(_) => return Err(HostError("the Host's port is not a number")),
+        None => raw,
     };
-    let without_dot = without_port.strip_suffix('.').unwrap_or(without_port);
-    without_dot.to_ascii_lowercase()
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() {
+        return Err(HostError("the Host is empty"));
+    }
+    let valid_label = |label: &str| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if !name.split('.').all(valid_label) {
+        return Err(HostError(
+            "the Host holds an empty label or a character other than letters, digits, '-', '_' and '.'",
+        ));
+    }
+    Ok(name.to_ascii_lowercase())
 }
 
 /// The upper-case spelling of a method when it is written otherwise (`post` -> `POST`).
@@ -336,11 +367,42 @@ mod tests {
 
     #[test]
     fn hosts_lose_case_port_and_trailing_dot() {
-        assert_eq!(host("API.Example.com:8080"), "api.example.com");
-        assert_eq!(host("api.example.com."), "api.example.com");
-        assert_eq!(host("api.example.com.:443"), "api.example.com");
-        assert_eq!(host("[::1]:80"), "::1");
-        assert_eq!(host("localhost"), "localhost");
+        let ok = |h: &str| host(h).unwrap_or_else(|e| panic!("{h}: {e}"));
+        assert_eq!(ok("API.Example.com:8080"), "api.example.com");
+        assert_eq!(ok("api.example.com."), "api.example.com");
+        assert_eq!(ok("api.example.com.:443"), "api.example.com");
+        assert_eq!(ok("api.example.com:"), "api.example.com");
+        assert_eq!(ok("[::1]:80"), "::1");
+        assert_eq!(ok("[2001:DB8::1]"), "2001:db8::1");
+        assert_eq!(ok("localhost"), "localhost");
+        assert_eq!(ok("10.0.0.1:80"), "10.0.0.1");
+        assert_eq!(ok("my_host"), "my_host");
+    }
+
+    #[test]
+    fn hosts_an_upstream_could_read_otherwise_are_refused() {
+        for bad in [
+            "",
+            ".",
+            "api.example.com:abc",
+            "api.example.com:80:80",
+            "API.example.com:x",
+            "api.example.com..",
+            "a..b",
+            ".a",
+            "api.example.com/x",
+            "a?b",
+            "a#b",
+            "a;b",
+            "a,b",
+            "a b",
+            "[::1",
+            "[::1]x",
+            "[not-v6]",
+            "[::1]:x",
+        ] {
+            assert!(host(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

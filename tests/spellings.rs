@@ -133,6 +133,23 @@ async fn every_spelling_of_a_resource_meets_its_limit() {
         // An absolute-form target is the same resource.
         let absolute = get(p, "http://a/static/./report.txt", "");
         assert_eq!(absolute.status, 429, "{absolute:?}");
+        // HTTP/1.0 without a Host meets the same limit.
+        let old_http = raw(p, "GET /static//report.txt HTTP/1.0", "");
+        assert_eq!(old_http.status, 429, "{old_http:?}");
+
+        // A target that is neither origin- nor absolute-form never reaches the upstream.
+        for (line, extra) in [
+            ("GET static/report.txt HTTP/1.1", "\r\nHost: a"),
+            ("GET ./static/report.txt HTTP/1.1", "\r\nHost: a"),
+            ("GET ../static/report.txt HTTP/1.1", "\r\nHost: a"),
+            ("GET static%2freport.txt HTTP/1.1", "\r\nHost: a"),
+            ("GET x:/static/report.txt HTTP/1.1", "\r\nHost: a"),
+            ("GET * HTTP/1.1", "\r\nHost: a"),
+            ("GET static/report.txt HTTP/1.0", ""),
+        ] {
+            let reply = raw(p, &format!("{line}{extra}"), "");
+            assert_eq!(reply.status, 400, "{line}: {reply:?}");
+        }
 
         // The upstream sees the normal form the limiter saw, query kept as sent.
         let echo = get(p, "/other//x/./y/../%7a?q=%41&b", "").json();
@@ -171,6 +188,23 @@ async fn every_spelling_of_a_resource_meets_its_limit() {
             let reply = host(spelling);
             assert_eq!(reply.status, 429, "Host: {spelling}: {reply:?}");
         }
+
+        // A Host an upstream could read otherwise is refused, not sent to a catch-all route.
+        for spelling in [
+            "api.example.com:abc",
+            "api.example.com:80:80",
+            "API.example.com:x",
+            "api.example.com..",
+            "api.example.com/x",
+            "api.example.com;x",
+            "",
+        ] {
+            let reply = host(spelling);
+            assert_eq!(reply.status, 400, "Host: {spelling}: {reply:?}");
+            assert_eq!(reply.json()["error"], "bad_host", "{spelling}");
+        }
+        let no_host = raw(p, "GET /hosted HTTP/1.1\r\nX-Other: 1", "");
+        assert_eq!(no_host.status, 400, "HTTP/1.1 without Host: {no_host:?}");
 
         // path_param values are decoded: b%6fb is bob.
         assert_eq!(get(p, "/users/bob", "").status, 200);
@@ -339,9 +373,27 @@ async fn the_admin_token_guards_every_spelling() {
         );
         assert_eq!(reset.status, 200, "{reset:?}");
         assert_eq!(tokens(), 2);
+
+        // A request Pingora cannot parse is logged without its credentials.
+        // (Pingora closes such a connection without an answer.)
+        let mut bad = TcpStream::connect(a).expect("connect");
+        bad.set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        bad.write_all(
+            b"DELETE /v1/limits/report/per-ip?key=127.0.0.1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer s3cret\r\nX Bad: 1\r\n\r\n",
+        )
+        .expect("write");
+        let _ = bad.read_to_end(&mut Vec::new());
     })
     .await
     .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = gw.log();
+    assert!(!log.contains("s3cret"), "the token is in the log:\n{log}");
+    assert!(
+        log.contains("Authorization: [redacted]"),
+        "the unparsable request was logged, redacted:\n{log}"
+    );
 }
 
 const KEYS: &str = r#"
@@ -361,6 +413,10 @@ routes:
     match: { path: "/dup" }
     upstream: app
     limits: [ { name: l, key: ["header:x-api-key", "query:user"], rate: "100/h", burst: 100 } ]
+  - name: tagged
+    match: { path: "/tagged" }
+    upstream: app
+    limits: [ { name: l, key: ["ip"], rate: "1/h", burst: 1, overrides: { "ip=127.0.0.1": { burst: 4 } } } ]
   - name: cost
     match: { path: "/cost" }
     upstream: app
@@ -392,6 +448,15 @@ async fn a_key_source_cannot_name_another_sources_bucket() {
         assert_eq!(read("header:x-api-key=127.0.0.1").json()["tokens"], 0);
         let untagged = read("127.0.0.1");
         assert_eq!(untagged.status, 400, "{untagged:?}");
+        // A value for an ip source that is no IP names no bucket.
+        let not_ip = read("ip=not-an-ip");
+        assert_eq!(not_ip.status, 400, "{not_ip:?}");
+
+        // An override may name its single source too: `ip=127.0.0.1` is this client.
+        for _ in 0..4 {
+            assert_eq!(get(p, "/tagged", "").status, 200);
+        }
+        assert_eq!(get(p, "/tagged", "").status, 429);
 
         // A header value "anonymous" is not the anonymous bucket.
         assert_eq!(get(p, "/anon", "X-User: anonymous").status, 200);
@@ -473,6 +538,10 @@ async fn a_client_cannot_lower_its_own_cost() {
         }
         assert_eq!(get(p, "/cost", "X-Cost: 2").status, 200);
         assert_eq!(get(p, "/cost", "X-Cost: 1").status, 429);
+        // A proxy that appends its value behind the client's: two values are refused.
+        let appended = get(p, "/cost", "X-Cost: 0\r\nX-Cost: 5");
+        assert_eq!(appended.status, 400, "{appended:?}");
+        assert_eq!(appended.json()["error"], "ambiguous_key");
     })
     .await
     .unwrap();

@@ -619,6 +619,7 @@ fn build_limit(
         );
     }
     let mut overrides = HashMap::new();
+    let mut seen: HashMap<String, &String> = HashMap::new();
     for (value, o) in &l.overrides {
         let opath = format!("{path}.overrides.{value}");
         let base = policy.unwrap_or(Policy {
@@ -653,6 +654,12 @@ fn build_limit(
         match keys::value_from_parts(&key, &parts, ipv6_prefix) {
             Ok(normal) => {
                 if let Some(p) = overridden {
+                    if let Some(first) = seen.insert(normal.clone(), value) {
+                        check.err(
+                            &opath,
+                            format!("names the same bucket as the override {first:?} ({normal})"),
+                        );
+                    }
                     overrides.insert(normal, p);
                 }
             }
@@ -721,6 +728,15 @@ mod tests {
                 && untagged[0].contains("SOURCE=VALUE"),
             "{untagged:?}"
         );
+        let same_bucket = problems(
+            r#"{ name: l, key: ["ip"], rate: "1/s", overrides: { "ip=1.2.3.4": { burst: 5 }, "::ffff:1.2.3.4": { burst: 6 } } }"#,
+        );
+        assert_eq!(same_bucket.len(), 1, "{same_bucket:?}");
+        assert!(same_bucket[0].contains("same bucket"), "{same_bucket:?}");
+        let not_ip = problems(
+            r#"{ name: l, key: ["ip"], rate: "1/s", overrides: { "1.2.3.4/32": { burst: 5 } } }"#,
+        );
+        assert_eq!(not_ip.len(), 1, "{not_ip:?}");
         let wrong_count = problems(
             r#"{ name: l, key: ["ip", "method"], rate: "1/s", overrides: { "1.2.3.4": { burst: 5 } } }"#,
         );
@@ -764,10 +780,10 @@ mod tests {
             "{override_too_long:?}"
         );
         let override_rate = problems(
-            r#"{ name: l, key: ["ip"], rate: "1/s", overrides: { "k": { rate: "2000000/s" } } }"#,
+            r#"{ name: l, key: ["ip"], rate: "1/s", overrides: { "10.0.0.1": { rate: "2000000/s" } } }"#,
         );
         assert_eq!(override_rate.len(), 1, "{override_rate:?}");
-        assert!(override_rate[0].starts_with("routes[0].limits[0].overrides.k.rate: "));
+        assert!(override_rate[0].starts_with("routes[0].limits[0].overrides.10.0.0.1.rate: "));
     }
 
     #[test]
@@ -777,7 +793,7 @@ mod tests {
             never,
             vec!["routes[0].limits[0].cost: cost 4 exceeds the burst 3: no request could ever pass this limit"]
         );
-        let for_some = r#"{ name: l, key: ["ip"], rate: "1/s", burst: 3, cost: 4, overrides: { "k": { burst: 4 } } }"#;
+        let for_some = r#"{ name: l, key: ["ip"], rate: "1/s", burst: 3, cost: 4, overrides: { "10.0.0.1": { burst: 4 } } }"#;
         assert_eq!(problems(for_some), Vec::<String>::new());
     }
 }

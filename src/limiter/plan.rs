@@ -109,12 +109,21 @@ pub fn plan(route: &str, limits: &[Limit], req: &RequestView<'_>, ipv6_prefix: u
             }
         };
         let cost_believed = limit.cost_header_from == CostHeaderFrom::Any || req.peer_trusted;
-        let cost = limit
-            .cost_header
-            .as_ref()
-            .filter(|_| cost_believed)
-            .and_then(|h| req.headers.get(h))
-            .and_then(|v| v.to_str().ok())
+        let cost_text = match limit.cost_header.as_ref().filter(|_| cost_believed) {
+            None => None,
+            // A proxy that appends rather than replaces leaves the client's copy first: two
+            // different values are refused like a repeated key header.
+            Some(h) => match keys::single_header(req.headers, h) {
+                keys::Single::One(v) => Some(v),
+                keys::Single::Absent => None,
+                keys::Single::Conflicting => {
+                    plan.ambiguous = Some(keys::KeySource::Header(h.clone()));
+                    return plan;
+                }
+            },
+        };
+        let cost = cost_text
+            .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| cost_value(v.trim()))
             .unwrap_or(limit.cost);
         plan.add(route, limit, present.then_some(value), cost);

@@ -84,6 +84,20 @@ fn normalize_request(
     let absolute = raw_target_authority(req.raw_path())
         .authority()
         .map(<[u8]>::to_vec);
+    // Origin-form (`/path`), absolute-form (`http://host/path`) or `OPTIONS *`; anything else
+    // (`static/x`, `./x`, ` /x`) would reach the upstream unrouted and unlimited.
+    let raw = req.raw_path();
+    let asterisk = raw == b"*" && req.method == http::Method::OPTIONS;
+    if absolute.is_none() && !raw.starts_with(b"/") && !asterisk {
+        return Err(Refusal {
+            code: "bad_path",
+            detail: "the request target must start with '/' or be an absolute URI".into(),
+        });
+    }
+    let bad_host = |e: normalize::HostError| Refusal {
+        code: "bad_host",
+        detail: e.to_string(),
+    };
     let host_header = match req.headers.get(http::header::HOST) {
         Some(value) => Some(value.to_str().map_err(|_| Refusal {
             code: "bad_host",
@@ -91,14 +105,24 @@ fn normalize_request(
         })?),
         None => None,
     };
-    let host = host_header
-        .map(normalize::host)
+    let authority = host_header
+        .map(str::to_string)
         .or_else(|| {
             absolute
                 .as_deref()
-                .map(|a| normalize::host(&String::from_utf8_lossy(a)))
+                .map(|a| String::from_utf8_lossy(a).into_owned())
         })
-        .or_else(|| req.uri.authority().map(|a| normalize::host(a.as_str())));
+        .or_else(|| req.uri.authority().map(|a| a.as_str().to_string()));
+    let host = match authority {
+        Some(text) => Some(normalize::host(&text).map_err(bad_host)?),
+        None if req.version == http::Version::HTTP_10 => None,
+        None => {
+            return Err(Refusal {
+                code: "bad_host",
+                detail: "HTTP/1.1 needs a Host header (RFC 9112 3.2)".into(),
+            })
+        }
+    };
     let path = normalize::path(req.uri.path(), slashes).map_err(|e| Refusal {
         code: e.code(),
         detail: e.to_string(),
