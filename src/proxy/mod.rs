@@ -3,7 +3,8 @@
 //! `early_request_filter` turns on HTTP/1.1 pipelining for the downstream connection;
 //! `request_filter` matches the route, derives keys and decides every limit (writing a 429 or
 //! 404 itself when it must); `upstream_peer` picks a target round-robin; `response_filter` adds
-//! the rate-limit headers; `fail_to_connect`/`fail_to_proxy` turn upstream failures into 502/504;
+//! the rate-limit headers; `fail_to_connect`/`fail_to_proxy` turn upstream failures into
+//! problem+json 502/504;
 //! `logging` records upstream metrics and the access log.
 
 pub mod ctx;
@@ -198,6 +199,14 @@ async fn send(session: &mut Session, resp: ResponseHeader, body: Bytes) -> Resul
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)
+}
+
+/// An upgraded (WebSocket) connection on which the upstream sent nothing for the upstream's
+/// read timeout: an idle close, not an upstream failure.
+fn idle_upgraded(session: &Session, e: &Error) -> bool {
+    session.was_upgraded()
+        && e.esource() == &ErrorSource::Upstream
+        && matches!(e.etype(), ErrorType::ReadTimedout)
 }
 
 #[async_trait]
@@ -459,7 +468,26 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    fn suppress_error_log(&self, session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        // Pingora logs every final error as `ERROR Fail to proxy`; an idle WebSocket closed by
+        // the read timeout is not one (fail_to_proxy logs it at INFO).
+        idle_upgraded(session, e)
+    }
+
     async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if idle_upgraded(session, e) {
+            // Like NGINX's proxy_read_timeout: the route's `read_timeout_ms` also bounds how long
+            // an upgraded (WebSocket) connection may go without a byte from the upstream. The
+            // 101 is already sent, so nothing more is written: both connections are closed.
+            tracing::info!(
+                route = ctx.route.as_ref().map_or(NO_ROUTE_LABEL, |r| &r.name),
+                "upgraded connection closed: no data from the upstream within read_timeout_ms"
+            );
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
@@ -484,7 +512,14 @@ impl ProxyHttp for Gateway {
             }
         }
         if code > 0 {
-            if let Err(write_err) = session.respond_error(code).await {
+            // RFC 9457 problem+json like the gateway's own 404/429, and `Connection: close`
+            // as Pingora's `respond_error` (write_error_response turns keep-alive off; it writes
+            // nothing when a response, or a 101 upgrade, was already sent).
+            let written = match response::failure(code, e.etype()) {
+                Ok((resp, body)) => session.write_error_response(resp, body).await,
+                Err(build_err) => Err(build_err),
+            };
+            if let Err(write_err) = written {
                 tracing::debug!(error = %write_err, "could not send error response");
             }
         }

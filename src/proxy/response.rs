@@ -1,6 +1,6 @@
 //! What the gateway writes itself: rate-limit headers (legacy `X-RateLimit-*` and IETF
-//! draft-10 `RateLimit-Policy` / `RateLimit`), the 429 problem+json response, and the 404 for
-//! requests no route takes.
+//! draft-10 `RateLimit-Policy` / `RateLimit`), the 429 problem+json response, the 404 for
+//! requests no route takes, and the problem+json 502/504 written when the upstream fails.
 
 use crate::limiter::{ceil_secs, Decision, RetryAfter};
 use crate::routes::HeaderFlags;
@@ -172,6 +172,51 @@ pub fn problem_with_detail(
     Ok((resp, body))
 }
 
+/// The `title` and `error` code of a failure response the proxy writes after an error
+/// (`fail_to_proxy`): 502/504 when the upstream failed, 400/500 otherwise.
+pub fn failure_kind(status: u16, etype: &pingora::ErrorType) -> (&'static str, &'static str) {
+    use pingora::ErrorType as E;
+    match status {
+        504 => ("Gateway Timeout", "upstream_timeout"),
+        502 => match etype {
+            E::ConnectRefused
+            | E::ConnectNoRoute
+            | E::ConnectError
+            | E::BindError
+            | E::SocketError
+            | E::ConnectProxyFailure
+            | E::TLSHandshakeFailure
+            | E::TLSHandshakeTimedout
+            | E::TLSWantX509Lookup
+            | E::InvalidCert
+            | E::HandshakeError => ("Bad Gateway", "upstream_unreachable"),
+            _ => ("Bad Gateway", "upstream_error"),
+        },
+        400 => ("Bad Request", "bad_request"),
+        500 => ("Internal Server Error", "internal_error"),
+        _ => (
+            http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Error"),
+            "proxy_error",
+        ),
+    }
+}
+
+/// The problem+json response for a failure after the request was let through (an upstream that
+/// cannot be reached, times out or breaks the exchange). `Cache-Control` as Pingora's own error
+/// responses; the caller closes the connection (`Connection: close`).
+pub fn failure(
+    status: u16,
+    etype: &pingora::ErrorType,
+) -> pingora::Result<(ResponseHeader, Bytes)> {
+    let (title, error) = failure_kind(status, etype);
+    let (mut resp, body) = problem(status, title, error)?;
+    resp.insert_header("Cache-Control", "private, no-store")?;
+    Ok((resp, body))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +237,31 @@ mod tests {
                 retry_ns: if allowed { 0 } else { 1_200_000_000 },
                 next_token_ns: 100_000_000,
             },
+        }
+    }
+
+    #[test]
+    fn upstream_failures_are_problems() {
+        use pingora::ErrorType as E;
+        for (status, etype, error) in [
+            (502, E::ConnectRefused, "upstream_unreachable"),
+            (502, E::ConnectNoRoute, "upstream_unreachable"),
+            (502, E::ConnectionClosed, "upstream_error"),
+            (502, E::InvalidHTTPHeader, "upstream_error"),
+            (504, E::ReadTimedout, "upstream_timeout"),
+            (504, E::ConnectTimedout, "upstream_timeout"),
+        ] {
+            let (resp, body) = failure(status, &etype).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(resp.status.as_u16(), status);
+            assert_eq!(
+                resp.headers.get("content-type").map(|v| v.as_bytes()),
+                Some(PROBLEM_JSON.as_bytes())
+            );
+            let body: serde_json::Value =
+                serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(body["status"], status);
+            assert_eq!(body["error"], error, "{etype:?}");
+            assert_eq!(body["type"], "about:blank");
         }
     }
 
