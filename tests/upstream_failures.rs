@@ -1,5 +1,5 @@
-//! Upstream failures and upstream connection reuse (issue 11.6, 11.7): a dead target (502) and a
-//! slow one (504) are answered with RFC 9457 problem+json bodies and `Connection: close`; and
+//! Upstream failures and upstream connection reuse (issue 11.6, 11.7): a dead target (502), one
+//! that closes without answering (502) and a slow one (504) are answered with RFC 9457 problem+json bodies and `Connection: close`; and
 //! sequential traffic through pooled upstream connections (an upstream that closes idle
 //! keep-alive connections, pauses around its idle time, two worker threads) succeeds with no
 //! ERROR line in the gateway's log.
@@ -80,6 +80,16 @@ fn assert_problem(proxy: SocketAddr, path: &str, status: u16, error: &str, title
 async fn upstream_failures_are_problem_json() {
     let up = Upstream::start();
     let dead = free_port();
+    // Accepts, reads the request, and closes without answering.
+    let closer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closer_addr = closer.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in closer.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+        }
+    });
     let gw = Gateway::start(
         &format!(
             r#"
@@ -89,7 +99,9 @@ store: {{ kind: memory }}
 upstreams:
   app: {{ targets: ["{{UPSTREAM}}"], read_timeout_ms: 300 }}
   dead: {{ targets: ["127.0.0.1:{dead}"], connect_timeout_ms: 300 }}
+  closer: {{ targets: ["{closer_addr}"] }}
 routes:
+  - {{ name: closer, match: {{ path: "/closer" }}, upstream: closer }}
   - {{ name: slow, match: {{ path: "/slow" }}, upstream: app }}
   - {{ name: dead, match: {{ path: "/dead" }}, upstream: dead }}
 "#
@@ -100,6 +112,7 @@ routes:
     let proxy = gw.proxy;
     tokio::task::spawn_blocking(move || {
         assert_problem(proxy, "/dead", 502, "upstream_unreachable", "Bad Gateway");
+        assert_problem(proxy, "/closer", 502, "upstream_error", "Bad Gateway");
         assert_problem(
             proxy,
             "/slow?ms=3000",
