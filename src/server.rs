@@ -74,6 +74,16 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
 
     let mut proxy =
         pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(shared.clone()));
+    if settings.h2c {
+        // Plain listeners also take HTTP/2 with prior knowledge: Pingora peeks at the first
+        // bytes of each connection and speaks HTTP/2 when they are the h2 preface, HTTP/1.1
+        // otherwise. Every stream is a request through the same phases (and limits).
+        if let Some(app) = proxy.app_logic_mut() {
+            let mut options = pingora::apps::HttpServerOptions::default();
+            options.h2c = true;
+            app.server_options = Some(options);
+        }
+    }
     for addr in &listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -9,7 +9,7 @@ pub use crate::limiter::settings::{
 };
 use crate::limiter::{CostHeaderFrom, Limit, OnMissingKey, Policy, Rate};
 use crate::routes::{HeaderFlags, HostMatch, PathMatch, Route, RouteMatch, Router};
-use crate::upstream::{Target, Upstream};
+use crate::upstream::{Target, Upstream, UpstreamTls};
 use ipnet::IpNet;
 use regex::Regex;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -56,6 +56,8 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     /// What a path's `%2F`, `%5C` and `\` mean.
     pub escaped_slashes: crate::normalize::EscapedSlashes,
+    /// Plain listeners also accept HTTP/2 with prior knowledge (read once at start).
+    pub h2c: bool,
 }
 
 /// Collects problems while building.
@@ -155,6 +157,7 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
                 crate::normalize::EscapedSlashes::default()
             }),
         },
+        h2c: raw_server.h2c.unwrap_or(false),
     };
 
     let mut upstreams = BTreeMap::new();
@@ -190,9 +193,10 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             up.read_timeout_ms,
             30_000,
         );
+        let tls = up.tls.map(|t| build_upstream_tls(&mut check, &path, t));
         upstreams.insert(
             name.clone(),
-            Arc::new(Upstream::new(name, targets, connect, read)),
+            Arc::new(Upstream::new(name, targets, connect, read).with_transport(tls, up.http2)),
         );
     }
 
@@ -252,6 +256,42 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
             RawAccessLog::Trace => Some(tracing::Level::TRACE),
         },
     })
+}
+
+/// `upstreams.NAME.tls`: the CA file is read and parsed now, so a bad one is a load error
+/// naming the file and the field, not a failure at the first request.
+fn build_upstream_tls(check: &mut Check, path: &str, raw: RawUpstreamTls) -> UpstreamTls {
+    let verify = raw.verify.unwrap_or(true);
+    if let Some(sni) = &raw.sni {
+        let valid = !sni.is_empty()
+            && sni.len() <= 253
+            && sni
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
+        if !valid {
+            check.err(
+                format!("{path}.tls.sni"),
+                format!("expected a host name, got {sni:?}"),
+            );
+        }
+    }
+    let ca = match &raw.ca {
+        None => None,
+        Some(file) => match crate::upstream::load_ca(file) {
+            Ok(ca) => Some(ca),
+            Err(msg) => {
+                check.err(format!("{path}.tls.ca"), msg);
+                None
+            }
+        },
+    };
+    UpstreamTls {
+        sni: raw.sni,
+        group_key: UpstreamTls::ca_group_key(ca.as_ref()),
+        ca,
+        ca_path: raw.ca,
+        verify,
+    }
 }
 
 fn header_flags(raw: Option<RawHeaders>, base: HeaderFlags) -> HeaderFlags {

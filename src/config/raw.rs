@@ -115,6 +115,8 @@ pub struct RawServer {
     pub threads: Option<usize>,
     pub drain_timeout_ms: Option<u64>,
     pub escaped_slashes: Option<String>,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners; read once at start.
+    pub h2c: Option<bool>,
 }
 
 /// The level of the one-line-per-request access log.
@@ -136,6 +138,23 @@ pub struct RawUpstream {
     pub targets: Vec<String>,
     pub connect_timeout_ms: Option<u64>,
     pub read_timeout_ms: Option<u64>,
+    /// Speak TLS to the targets.
+    pub tls: Option<RawUpstreamTls>,
+    /// Speak HTTP/2 to the targets (h2c prior knowledge in plain text, ALPN `h2` over TLS).
+    #[serde(default)]
+    pub http2: bool,
+}
+
+/// `upstreams.NAME.tls`: how the gateway checks the targets' certificates.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    /// Server name sent (SNI) and checked against the certificate; default: the target's host.
+    pub sni: Option<String>,
+    /// PEM file of the CA certificates to trust instead of the system roots.
+    pub ca: Option<String>,
+    /// Check the certificate chain and name (default true).
+    pub verify: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -19,6 +19,8 @@ pub struct Ctx {
     /// Upstream connection attempts so far (one per target tried).
     pub attempts: usize,
     pub upstream_start: Option<Instant>,
+    /// The request is a gRPC call: the gateway's own refusals are gRPC statuses.
+    pub grpc: bool,
     pub started: Instant,
     pub _in_flight: InFlight,
 }
@@ -32,6 +34,7 @@ impl Ctx {
             counted_as: None,
             attempts: 0,
             upstream_start: None,
+            grpc: false,
             started: Instant::now(),
             _in_flight: in_flight,
         }

@@ -4,10 +4,11 @@
 //! `request_filter` matches the route, derives keys and decides every limit (writing a 429 or
 //! 404 itself when it must); `upstream_peer` picks a target round-robin; `response_filter` adds
 //! the rate-limit headers; `fail_to_connect`/`fail_to_proxy` turn upstream failures into
-//! problem+json 502/504;
-//! `logging` records upstream metrics and the access log.
+//! problem+json 502/504; `logging` records upstream metrics and the access log. A gRPC call the
+//! gateway refuses is answered with a gRPC status instead of the HTTP error ([`grpc`]).
 
 pub mod ctx;
+pub mod grpc;
 pub mod response;
 
 use crate::keys::{self, RequestView};
@@ -23,8 +24,9 @@ use bytes::Bytes;
 use ctx::Ctx;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::authority::raw_target_authority;
+use pingora::protocols::http::HttpTask;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::upstreams::peer::HttpPeer;
+use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -144,10 +146,28 @@ fn normalize_request(
         // Cannot fail for a valid header value.
         let _ = req.insert_header(http::header::HOST, value);
     }
+    // An HTTP/2 request carries its host in the URI (`:authority`), which `set_raw_path`
+    // would drop: kept, so the upstream still gets a Host / `:authority`.
+    let h2_authority = match &absolute {
+        None => req
+            .uri
+            .authority()
+            .cloned()
+            .map(|a| (req.uri.scheme().cloned(), a)),
+        Some(_) => None,
+    };
     req.set_raw_path(target.as_bytes()).map_err(|e| Refusal {
         code: "bad_path",
         detail: format!("the normalised target is not valid: {e}"),
     })?;
+    if let Some((scheme, authority)) = h2_authority {
+        let mut parts = req.uri.clone().into_parts();
+        parts.scheme = Some(scheme.unwrap_or(http::uri::Scheme::HTTP));
+        parts.authority = Some(authority);
+        if let Ok(uri) = http::Uri::from_parts(parts) {
+            req.set_uri(uri);
+        }
+    }
     Ok(host)
 }
 
@@ -194,8 +214,33 @@ fn keep_alive_past_unread_body(session: &mut Session) {
     }
 }
 
-async fn send(session: &mut Session, resp: ResponseHeader, body: Bytes) -> Result<bool> {
+/// Writes a response that ends the stream with its header: on HTTP/2 one HEADERS frame with
+/// END_STREAM (what gRPC calls trailers-only). Pingora's `Session::write_response_header` drops
+/// its end-of-stream flag, so the header goes as a task to the downstream session itself.
+async fn write_trailers_only(session: &mut Session, resp: ResponseHeader) -> Result<()> {
+    session
+        .as_downstream_mut()
+        .response_duplex_vec(vec![HttpTask::Header(Box::new(resp), true)])
+        .await
+        .map(|_| ())
+}
+
+/// Writes the gateway's own answer: `resp` and `body`, or, for a gRPC call (`ctx.grpc`), the
+/// trailers-only gRPC response carrying `message` (see [`grpc`]).
+async fn send(
+    session: &mut Session,
+    ctx: &Ctx,
+    resp: ResponseHeader,
+    body: Bytes,
+    message: &str,
+) -> Result<bool> {
     keep_alive_past_unread_body(session);
+    if ctx.grpc {
+        let h1 = !session.is_http2();
+        let resp = grpc::trailers_only(&resp, message, h1)?;
+        write_trailers_only(session, resp).await?;
+        return Ok(true);
+    }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(true)
@@ -233,6 +278,7 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let config = self.shared.config();
         let peer = peer_ip(session);
+        ctx.grpc = grpc::is_grpc(session.req_header());
         let host = match normalize_request(session.req_header_mut(), config.server.escaped_slashes)
         {
             Ok(host) => host,
@@ -245,7 +291,8 @@ impl ProxyHttp for Gateway {
                     refusal.code,
                     Some(&refusal.detail),
                 )?;
-                return send(session, resp, body).await;
+                let message = format!("bad request ({}): {}", refusal.code, refusal.detail);
+                return send(session, ctx, resp, body, &message).await;
             }
         };
         let req = session.req_header();
@@ -258,7 +305,7 @@ impl ProxyHttp for Gateway {
             self.count(None, RequestDecision::NoRoute, ctx);
             ctx.config = Some(config);
             let (resp, body) = response::problem(404, "Not Found", "no_route")?;
-            return send(session, resp, body).await;
+            return send(session, ctx, resp, body, "no route for this call").await;
         };
 
         let mut fallback = false;
@@ -313,7 +360,8 @@ impl ProxyHttp for Gateway {
                 )?;
                 ctx.route = Some(route);
                 ctx.config = Some(config);
-                return send(session, resp, body).await;
+                let message = format!("bad request (ambiguous_key): {detail}");
+                return send(session, ctx, resp, body, &message).await;
             }
             let slot = self.shared.store();
             match self
@@ -342,7 +390,8 @@ impl ProxyHttp for Gateway {
                     )?;
                     ctx.route = Some(route);
                     ctx.config = Some(config);
-                    return send(session, resp, body).await;
+                    let message = "the rate limiter is unavailable";
+                    return send(session, ctx, resp, body, message).await;
                 }
             }
         };
@@ -379,8 +428,9 @@ impl ProxyHttp for Gateway {
                 ctx,
             );
             let (resp, body) = response::too_many_requests(&route.name, &decision, route.headers)?;
+            let message = response::limited_message(&decision);
             ctx.route = Some(route);
-            return send(session, resp, body).await;
+            return send(session, ctx, resp, body, &message).await;
         }
         ctx.route = Some(route);
         Ok(false)
@@ -392,21 +442,17 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route in context"))?;
         let upstream = &route.upstream;
-        let target = upstream
+        let chosen = upstream
             .next_target()
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "upstream has no targets"))?;
         ctx.attempts += 1;
-        let target = target.resolve().await.map_err(|msg| {
+        let target = chosen.resolve().await.map_err(|msg| {
             let mut e = Error::explain(ErrorType::ConnectNoRoute, msg);
             e.esource = ErrorSource::Upstream;
             e
         })?;
         ctx.upstream_start = Some(Instant::now());
-        let mut peer = HttpPeer::new(target, false, String::new());
-        peer.options.connection_timeout = Some(upstream.connect_timeout);
-        peer.options.read_timeout = Some(upstream.read_timeout);
-        peer.options.write_timeout = Some(upstream.read_timeout);
-        Ok(Box::new(peer))
+        Ok(Box::new(upstream.peer(chosen, target)))
     }
 
     async fn upstream_request_filter(
@@ -432,10 +478,32 @@ impl ProxyHttp for Gateway {
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        // One line naming the upstream, the target and why (for TLS: the handshake's reason,
+        // e.g. an unknown issuer, a name mismatch, an expired certificate).
+        let upstream = ctx.route.as_ref().map_or("", |r| r.upstream.name.as_str());
+        if e.etype() == &ErrorType::TLSHandshakeFailure
+            || e.etype() == &ErrorType::InvalidCert
+            || e.etype() == &ErrorType::HandshakeError
+        {
+            tracing::warn!(
+                upstream,
+                target = %peer.address(),
+                sni = %peer.sni,
+                reason = %e,
+                "upstream TLS handshake failed (certificate not verified); answering 502"
+            );
+        } else {
+            tracing::warn!(
+                upstream,
+                target = %peer.address(),
+                reason = %e,
+                "cannot connect to upstream target"
+            );
+        }
         // Like NGINX's proxy_next_upstream: a target that cannot be reached is skipped, once
         // per target of the group.
         let targets = ctx.route.as_ref().map_or(0, |r| r.upstream.targets.len());
@@ -511,7 +579,19 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
-        if code > 0 {
+        if code > 0 && ctx.grpc && session.response_written().is_none() {
+            let h1 = !session.is_http2();
+            let message = format!("gateway: upstream failed ({})", e.etype().as_str());
+            let written = match ResponseHeader::build(code, None)
+                .and_then(|http| grpc::trailers_only(&http, &message, h1))
+            {
+                Ok(resp) => write_trailers_only(session, resp).await,
+                Err(err) => Err(err),
+            };
+            if let Err(write_err) = written {
+                tracing::debug!(error = %write_err, "could not send error response");
+            }
+        } else if code > 0 {
             // RFC 9457 problem+json like the gateway's own 404/429, and `Connection: close`
             // as Pingora's `respond_error` (write_error_response turns keep-alive off; it writes
             // nothing when a response, or a 101 upgrade, was already sent).

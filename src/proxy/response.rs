@@ -126,6 +126,19 @@ pub fn problem_body(route: &str, decision: &Decision) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// The `grpc-message` of a denied gRPC call: which limits, and when to retry.
+pub fn limited_message(decision: &Decision) -> String {
+    let names: Vec<&str> = decision.violated.iter().map(|n| n.as_ref()).collect();
+    let mut message = format!("rate limited ({})", names.join(", "));
+    match retry_after_secs(decision) {
+        Some(secs) => {
+            let _ = write!(message, "; retry after {secs} s");
+        }
+        None => message.push_str("; the call can never be admitted"),
+    }
+    message
+}
+
 /// The full 429 response for a denied request.
 pub fn too_many_requests(
     route: &str,
