@@ -431,7 +431,7 @@ pub fn derive_from_sources(
 
 /// The one percent-decoded value of query parameter `name`: `Ok(None)` when absent, `Err` when
 /// it is repeated with different values (names are compared decoded: `us%65r` is `user`).
-pub fn query_single(query: &str, name: &str) -> Result<Option<Vec<u8>>, ()> {
+pub(crate) fn query_single(query: &str, name: &str) -> Result<Option<Vec<u8>>, ()> {
     let mut found: Option<Vec<u8>> = None;
     for pair in query.split('&') {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
