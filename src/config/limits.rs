@@ -7,6 +7,7 @@
 use super::Problem;
 use std::collections::HashMap;
 use yaml_rust2::parser::{Event, Parser};
+use yaml_rust2::scanner::{Scanner, Token, TokenType};
 
 /// Largest config file accepted, in bytes.
 pub const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
@@ -30,7 +31,7 @@ pub fn check(text: &str) -> Result<(), Problem> {
     if text.len() > MAX_CONFIG_BYTES {
         return Err(too_large(text.len() as u64));
     }
-    check_depth(text)?;
+    check_token_depth(text)?;
     if text.contains('*') {
         check_aliases(text)?;
     }
@@ -42,6 +43,56 @@ fn too_deep(line: usize, column: usize) -> Problem {
         path: String::new(),
         message: format!("nested deeper than {MAX_DEPTH} levels (the limit)"),
         location: Some((line, column)),
+    }
+}
+
+/// Nesting as the YAML scanner sees it: block and flow collections opened and not yet closed,
+/// counted from yaml_rust2's tokens and abandoned past [`MAX_DEPTH`], which keeps the scan
+/// linear (its per-token cost grows with the open flow levels; past 256 it stops with an error
+/// of its own). libyaml reads YAML 1.1 and also
+/// breaks lines at U+0085, U+2028 and U+2029, so those are read as `\n` here. Where
+/// yaml_rust2 stops at a syntax error, the rest is judged by the line scan of [`check_depth`]
+/// (libyaml may read further).
+fn check_token_depth(text: &str) -> Result<(), Problem> {
+    let normalised;
+    let text = if text.contains(['\u{85}', '\u{2028}', '\u{2029}']) {
+        normalised = text.replace(['\u{85}', '\u{2028}', '\u{2029}'], "\n");
+        normalised.as_str()
+    } else {
+        text
+    };
+    let mut depth = 0usize;
+    let mut scanner = Scanner::new(text.chars());
+    for Token(mark, token) in &mut scanner {
+        match token {
+            TokenType::BlockSequenceStart
+            | TokenType::BlockMappingStart
+            | TokenType::FlowSequenceStart
+            | TokenType::FlowMappingStart => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    // A block mapping's start is marked at its first `:`; its key says where
+                    // the mapping starts.
+                    let at = match token {
+                        TokenType::BlockMappingStart => scanner.next().map_or(mark, |t| t.0),
+                        _ => mark,
+                    };
+                    return Err(too_deep(at.line(), at.col() + 1));
+                }
+            }
+            TokenType::BlockEnd | TokenType::FlowSequenceEnd | TokenType::FlowMappingEnd => {
+                depth = depth.saturating_sub(1)
+            }
+            _ => {}
+        }
+    }
+    match scanner.get_error() {
+        None => Ok(()),
+        // yaml_rust2 refuses flow nesting past its own limit (256) before it yields the tokens.
+        Some(e) if e.info() == "recursion limit exceeded" => {
+            Err(too_deep(e.marker().line(), e.marker().col() + 1))
+        }
+        Some(_) => check_depth(text),
     }
 }
 

@@ -405,6 +405,17 @@ fn build_client_ip(check: &mut Check, raw: RawClientIp) -> ClientIpConfig {
             .parse::<IpNet>()
             .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
         match parsed {
+            // Peers are compared as IPv4 when IPv4-mapped (`keys::canonical`), so a mapped
+            // range (`::ffff:10.0.0.0/104`) is held as the IPv4 range it maps.
+            Ok(IpNet::V6(v6)) if v6.prefix_len() >= 96 && v6.addr().to_ipv4_mapped().is_some() => {
+                match (v6.addr().to_ipv4_mapped(), v6.prefix_len() - 96) {
+                    (Some(v4), len) => match ipnet::Ipv4Net::new(v4, len) {
+                        Ok(net) => trusted.push(IpNet::V4(net.trunc())),
+                        Err(_) => trusted.push(IpNet::V6(v6)),
+                    },
+                    (None, _) => trusted.push(IpNet::V6(v6)),
+                }
+            }
             Ok(net) => trusted.push(net),
             Err(_) => check.err(
                 format!("client_ip.trusted_proxies[{i}]"),
@@ -753,6 +764,19 @@ mod tests {
                 .collect(),
             Err(e) => vec![e.to_string()],
         }
+    }
+
+    #[test]
+    fn ipv4_mapped_trusted_proxies_hold_their_ipv4_range() {
+        let yaml = "client_ip: { trusted_proxies: [\"::ffff:10.0.0.0/104\", \"::ffff:192.0.2.7\"] }\nupstreams: { app: { targets: [\"127.0.0.1:9\"] } }\nroutes: [ { name: r, upstream: app } ]\n";
+        let config = parse(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let nets: Vec<String> = config
+            .client_ip
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32"]);
     }
 
     #[test]
