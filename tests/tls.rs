@@ -618,8 +618,21 @@ async fn h2_over_tls_limits_each_stream_on_one_connection() {
             .await,
         Some(5.0)
     );
-    // And over curl's h2 the next one is a 429 too.
-    let (code, out, _) = curl(&pki, "a.test", port, "/limited/y", &["--http2"]);
+    // And over curl's h2 the next one is a 429 too, with the limiter's headers.
+    let headers = pki.file("h2-429-headers");
+    let headers_arg = headers.display().to_string();
+    let (code, out, _) = curl(
+        &pki,
+        "a.test",
+        port,
+        "/limited/y",
+        &["--http2", "-D", &headers_arg],
+    );
     assert_eq!((code, out.as_str()), (0, "429 2"));
+    let headers = std::fs::read_to_string(&headers)
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(headers.starts_with("http/2 429"), "{headers}");
+    assert!(headers.contains("\nretry-after: "), "{headers}");
     assert_eq!(up.hits(), 1 + 5);
 }
