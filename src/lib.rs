@@ -15,6 +15,7 @@
 //! - [`metrics`]: every Prometheus family, registered once.
 //! - [`state`]: the config generation in force, the store, in-flight requests.
 //! - [`reload`]: read, validate (off the async runtimes), build and swap a new config.
+//! - [`tls`]: TLS listeners: certificate pairs, SNI, min version, rotation without restart.
 //! - [`server`]: assembling Pingora services, signals, graceful drain.
 //! - [`demo`]: the embedded default and its built-in upstream.
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
@@ -32,4 +33,5 @@ pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod state;
+pub mod tls;
 pub mod upstream;

@@ -105,6 +105,8 @@ pub struct Metrics {
     pub breaker_state: IntGauge,
     pub config_reloads: IntCounterVec,
     pub config_generation: IntGauge,
+    /// TLS certificate pairs (re)loaded into a running listener, by result.
+    pub tls_cert_reloads: IntCounterVec,
     pub upstream_responses: IntCounterVec,
     pub upstream_duration: HistogramVec,
     pub memory_buckets: IntGaugeVec,
@@ -157,6 +159,15 @@ impl Metrics {
         .map_err(fail)?;
         let config_reloads = IntCounterVec::new(
             Opts::new("tollgate_config_reloads_total", "Config reloads by result"),
+            &["result"],
+        )
+        .map_err(fail)?;
+        let tls_cert_reloads = IntCounterVec::new(
+            Opts::new(
+                "tollgate_tls_cert_reloads_total",
+                "TLS certificate pairs re-read after their files or the config changed, by result \
+                 (error: the previous pair keeps serving)",
+            ),
             &["result"],
         )
         .map_err(fail)?;
@@ -220,6 +231,7 @@ impl Metrics {
             Box::new(breaker_state.clone()),
             Box::new(config_reloads.clone()),
             Box::new(config_generation.clone()),
+            Box::new(tls_cert_reloads.clone()),
             Box::new(upstream_responses.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(memory_buckets.clone()),
@@ -232,6 +244,7 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
+            tls_cert_reloads.with_label_values(&[result]);
         }
         let no_route = requests.with_label_values(&[NO_ROUTE_LABEL, "no_route"]);
         let bad_request = requests.with_label_values(&[NO_ROUTE_LABEL, "bad_request"]);
@@ -244,6 +257,7 @@ impl Metrics {
             breaker_state,
             config_reloads,
             config_generation,
+            tls_cert_reloads,
             upstream_responses,
             upstream_duration,
             memory_buckets,

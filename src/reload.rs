@@ -177,6 +177,30 @@ impl Reloader {
                 old.close().await;
             });
         }
+        let running = self.shared.config();
+        if running.listen.len() != config.listen.len()
+            || running
+                .listen
+                .iter()
+                .zip(&config.listen)
+                .any(|(a, b)| !a.same_shape(b))
+        {
+            tracing::warn!(
+                "the listen section changed: listeners (addresses, TLS files, min_version) \
+                 change only on restart; the running ones are kept"
+            );
+        }
+        // Certificate files re-read by this config's validation are swapped in.
+        for resolver in self.shared.tls.all() {
+            if let Some(tls) = config
+                .listen
+                .iter()
+                .find(|l| l.address == resolver.address)
+                .and_then(|l| l.tls.as_ref())
+            {
+                resolver.take_from_config(tls, &self.shared.metrics);
+            }
+        }
         let generation = self.shared.install(config);
         self.shared
             .metrics

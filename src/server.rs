@@ -11,7 +11,9 @@ use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::reload::Reloader;
 use crate::state::Shared;
+use crate::tls::CertResolver;
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
     ExecutionPhase, RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch,
@@ -29,6 +31,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Metrics(String),
+    #[error("cannot set up TLS: {0}")]
+    Tls(String),
 }
 
 /// What to run.
@@ -84,9 +88,31 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
             app.server_options = Some(options);
         }
     }
-    for addr in &listen {
-        proxy.add_tcp(&addr.to_string());
+    let mut resolvers = Vec::new();
+    for l in &listen {
+        match &l.tls {
+            None => proxy.add_tcp(&l.address.to_string()),
+            Some(tls) => {
+                let resolver = Arc::new(CertResolver::new(l.address, tls));
+                resolvers.push(resolver.clone());
+                // The paths are unused: the resolver gives every certificate.
+                let mut settings = TlsSettings::intermediate("", "")
+                    .map_err(|e| ServerError::Tls(e.to_string()))?;
+                settings.set_cert_resolver(resolver);
+                // ALPN: h2, then http/1.1.
+                settings.enable_h2();
+                proxy.add_tls_with_settings(&l.address.to_string(), None, settings);
+            }
+        }
     }
+    shared.tls.set(resolvers);
+    let listen: Vec<String> = listen
+        .iter()
+        .map(|l| match l.tls {
+            Some(_) => format!("https://{}", l.address),
+            None => format!("http://{}", l.address),
+        })
+        .collect();
     let proxy = WarmStart {
         inner: proxy,
         shared: shared.clone(),
@@ -272,6 +298,7 @@ impl BackgroundService for Supervisor {
         if let Some(reloader) = reloader {
             tokio::spawn(reloader.serve(shutdown.clone()));
         }
+        tokio::spawn(crate::tls::poll(self.shared.clone(), shutdown.clone()));
         let mut sample = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {

@@ -29,6 +29,8 @@ pub struct Shared {
     pub threads: DecisionThreads,
     pub metrics: Arc<Metrics>,
     in_flight: AtomicUsize,
+    /// The certificate resolvers of the running TLS listeners.
+    pub tls: crate::tls::TlsListeners,
 }
 
 impl Shared {
@@ -54,6 +56,7 @@ impl Shared {
             threads: DecisionThreads::default(),
             metrics,
             in_flight: AtomicUsize::new(0),
+            tls: crate::tls::TlsListeners::default(),
         });
         shared.metrics.config_generation.set(1);
         shared.touch_metrics();

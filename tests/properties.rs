@@ -106,7 +106,11 @@ fn parse_checked(text: &str) -> Result<(), TestCaseError> {
         if let Ok(mut raw) = serde_yaml_ng::from_str::<RawConfig>(text) {
             let mut rewritten = false;
             let admin_listen = raw.admin.as_mut().and_then(|a| a.listen.as_mut());
-            for addr in raw.listen.iter_mut().flatten().chain(admin_listen) {
+            let listen = raw.listen.iter_mut().flatten().map(|l| match l {
+                tollgate::config::raw::RawListen::Plain(text) => text,
+                tollgate::config::raw::RawListen::Full(full) => &mut full.address,
+            });
+            for addr in listen.chain(admin_listen) {
                 if needs_lookup(addr) {
                     *addr = "127.0.0.1:1".to_string();
                     rewritten = true;

@@ -9,6 +9,7 @@ pub use crate::limiter::settings::{
 };
 use crate::limiter::{CostHeaderFrom, Limit, OnMissingKey, Policy, Rate};
 use crate::routes::{HeaderFlags, HostMatch, PathMatch, Route, RouteMatch, Router};
+use crate::tls::{CertPaths, MinVersion, TlsListen};
 use crate::upstream::{Target, Upstream, UpstreamTls};
 use ipnet::IpNet;
 use regex::Regex;
@@ -24,7 +25,7 @@ pub const DEFAULT_MAX_BUCKETS: u64 = 1_000_000;
 /// A loaded, validated config: one generation of what the gateway runs.
 #[derive(Debug)]
 pub struct Config {
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<Listen>,
     pub admin: AdminConfig,
     pub store: StoreConfig,
     pub breaker: BreakerConfig,
@@ -34,6 +35,26 @@ pub struct Config {
     pub router: Router,
     /// Level of the per-request access-log line (`None`: off).
     pub access_log: Option<tracing::Level>,
+}
+
+/// One listener of the proxy: plain HTTP, or TLS with its certificate pairs (read and checked
+/// when the config is built).
+#[derive(Debug, Clone)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub tls: Option<TlsListen>,
+}
+
+impl Listen {
+    /// Same address, TLS files and version: what only a restart changes.
+    pub fn same_shape(&self, other: &Listen) -> bool {
+        self.address == other.address
+            && match (&self.tls, &other.tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.same_shape(b),
+                _ => false,
+            }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,17 +133,26 @@ fn positive_ms(check: &mut Check, path: &str, value: Option<u64>, default: u64) 
 pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut check = Check::default();
 
-    let listen_texts = raw
+    let raw_listen = raw
         .listen
-        .unwrap_or_else(|| vec![DEFAULT_LISTEN.to_string()]);
-    if listen_texts.is_empty() {
+        .unwrap_or_else(|| vec![RawListen::Plain(DEFAULT_LISTEN.to_string())]);
+    if raw_listen.is_empty() {
         check.err("listen", "needs at least one address");
     }
-    let listen: Vec<SocketAddr> = listen_texts
-        .iter()
+    let listen: Vec<Listen> = raw_listen
+        .into_iter()
         .enumerate()
-        .filter_map(|(i, t)| socket_addr(&mut check, &format!("listen[{i}]"), t))
+        .filter_map(|(i, l)| build_listen(&mut check, i, l))
         .collect();
+    let mut seen_listen = HashSet::new();
+    for (i, l) in listen.iter().enumerate() {
+        if !seen_listen.insert(l.address) {
+            check.err(
+                format!("listen[{i}]"),
+                format!("{} is listed twice", l.address),
+            );
+        }
+    }
 
     let raw_admin = raw.admin.unwrap_or_default();
     let admin_listen = socket_addr(
@@ -292,6 +322,68 @@ fn build_upstream_tls(check: &mut Check, path: &str, raw: RawUpstreamTls) -> Ups
         ca_path: raw.ca,
         verify,
     }
+}
+
+fn build_listen(check: &mut Check, i: usize, raw: RawListen) -> Option<Listen> {
+    let (text, tls, address_path) = match raw {
+        RawListen::Plain(text) => (text, None, format!("listen[{i}]")),
+        RawListen::Full(full) => (full.address, full.tls, format!("listen[{i}].address")),
+    };
+    let address = socket_addr(check, &address_path, &text);
+    let tls = tls.and_then(|t| build_tls(check, &format!("listen[{i}].tls"), t));
+    Some(Listen {
+        address: address?,
+        tls,
+    })
+}
+
+fn build_tls(check: &mut Check, path: &str, raw: RawTls) -> Option<TlsListen> {
+    let min_version = match raw.min_version {
+        None => MinVersion::Tls12,
+        Some(v) => {
+            let text = match v {
+                RawVersion::Text(t) => t,
+                RawVersion::Number(n) => n.to_string(),
+            };
+            match text.as_str() {
+                "1.2" => MinVersion::Tls12,
+                "1.3" => MinVersion::Tls13,
+                _ => {
+                    check.err(
+                        format!("{path}.min_version"),
+                        format!("expected \"1.2\" or \"1.3\", got {text:?}"),
+                    );
+                    MinVersion::Tls12
+                }
+            }
+        }
+    };
+    if raw.certs.is_empty() {
+        check.err(
+            format!("{path}.certs"),
+            "needs at least one {cert, key} pair",
+        );
+        return None;
+    }
+    let mut certs = Vec::new();
+    let mut failed = false;
+    for (j, pair) in raw.certs.into_iter().enumerate() {
+        let paths = CertPaths {
+            cert: pair.cert.into(),
+            key: pair.key.into(),
+        };
+        match crate::tls::load_pair(&paths) {
+            Ok(loaded) => certs.push(loaded),
+            Err(e) => {
+                failed = true;
+                check.err(format!("{path}.certs[{j}].{}", e.field()), e.message());
+            }
+        }
+    }
+    if failed {
+        return None;
+    }
+    Some(TlsListen { certs, min_version })
 }
 
 fn header_flags(raw: Option<RawHeaders>, base: HeaderFlags) -> HeaderFlags {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    pub listen: Option<Vec<String>>,
+    pub listen: Option<Vec<RawListen>>,
     pub admin: Option<RawAdmin>,
     pub store: Option<RawStore>,
     pub breaker: Option<RawBreaker>,
@@ -19,6 +19,65 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstreams: BTreeMap<String, RawUpstream>,
     pub routes: Vec<RawRoute>,
+}
+
+/// One `listen` entry: `"HOST:PORT"` (plain HTTP) or `{address, tls}`.
+#[derive(Debug)]
+pub enum RawListen {
+    Plain(String),
+    Full(RawListenFull),
+}
+
+impl<'de> Deserialize<'de> for RawListen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawListen;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("\"HOST:PORT\" or {address: \"HOST:PORT\", tls: {...}}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<RawListen, E> {
+                Ok(RawListen::Plain(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawListen, A::Error> {
+                RawListenFull::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawListen::Full)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenFull {
+    pub address: String,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub certs: Vec<RawCertPair>,
+    pub min_version: Option<RawVersion>,
+}
+
+/// `"1.2"` or `1.2` (YAML reads an unquoted version as a number).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawVersion {
+    Text(String),
+    Number(f64),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertPair {
+    pub cert: String,
+    pub key: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
