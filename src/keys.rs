@@ -5,6 +5,7 @@
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -222,7 +223,12 @@ pub fn single_header<'h>(
     headers: &'h http::HeaderMap,
     name: &http::HeaderName,
 ) -> Single<&'h [u8]> {
-    let mut values = headers.get_all(name).iter();
+    // Spaces and tabs around a value are not part of it (RFC 9110 5.5): HTTP/1.1 parsers drop
+    // them, HTTP/2 hands them over, and an upstream reads `" k"` as `k`.
+    let mut values = headers
+        .get_all(name)
+        .iter()
+        .map(|v| v.as_bytes().trim_ascii());
     let Some(first) = values.next() else {
         return Single::Absent;
     };
@@ -232,7 +238,7 @@ pub fn single_header<'h>(
     if first.is_empty() {
         Single::Absent
     } else {
-        Single::One(first.as_bytes())
+        Single::One(first)
     }
 }
 
@@ -342,12 +348,24 @@ fn append_named_source(
     ipv6_prefix: u8,
     out: &mut String,
 ) -> Result<(), String> {
-    if *source == KeySource::Ip && raw.trim().parse::<IpAddr>().is_err() {
-        return Err(format!(
-            "{raw:?} is not an IP address, so no client's ip part can be it"
-        ));
-    }
-    append_given_source(source, raw, ipv6_prefix, out);
+    // The value as a request's would be written: a request's method, host and path are
+    // normalised before keys are derived, so a name for them is normalised the same way.
+    let normal: Cow<'_, str> = match source {
+        KeySource::Ip if raw.trim().parse::<IpAddr>().is_err() => {
+            return Err(format!(
+                "{raw:?} is not an IP address, so no client's ip part can be it"
+            ))
+        }
+        KeySource::Method => Cow::Owned(raw.to_ascii_uppercase()),
+        KeySource::Host => Cow::Owned(
+            crate::normalize::host(raw)
+                .map_err(|e| format!("{raw:?} is not a host a request can have: {e}"))?,
+        ),
+        KeySource::Path => crate::normalize::path(raw, crate::normalize::EscapedSlashes::Keep)
+            .map_err(|e| format!("{raw:?} is not a path a request can have: {e}"))?,
+        _ => Cow::Borrowed(raw),
+    };
+    append_given_source(source, &normal, ipv6_prefix, out);
     Ok(())
 }
 

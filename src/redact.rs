@@ -7,33 +7,52 @@ use std::io::Write;
 
 /// Header names (matched case-insensitively, as a suffix of the name) whose values are
 /// credentials.
-const SECRET_HEADERS: [&[u8]; 5] = [
-    b"authorization:",
-    b"cookie:",
-    b"api-key:",
-    b"token:",
-    b"secret:",
-];
+const SECRET_HEADERS: [&[u8]; 5] = [b"authorization", b"cookie", b"api-key", b"token", b"secret"];
 
 const REDACTED: &[u8] = b" [redacted]";
 
-/// `line` with the value of every credential header replaced by `[redacted]`. A value ends at a
-/// line break, a backslash (an escaped `\r` in a logged buffer) or a quote.
+/// Where the value of a header named at `after_name` starts: past blanks (spaces, tabs, a
+/// logged `\t`), a colon, and nothing else; `None` when no colon follows.
+fn value_start(line: &[u8], after_name: usize) -> Option<usize> {
+    let mut i = after_name;
+    loop {
+        match line.get(i..) {
+            Some([b' ' | b'\t', ..]) => i += 1,
+            Some([b'\\', b't', ..]) => i += 2,
+            Some([b':', ..]) => return Some(i + 1),
+            _ => return None,
+        }
+    }
+}
+
+/// Where a value ends: a line break, a quote, or a logged `\r` / `\n`.
+fn value_end(line: &[u8], start: usize) -> usize {
+    let mut i = start;
+    while i < line.len() {
+        match &line[i..] {
+            [b'\r' | b'\n' | b'"', ..] => return i,
+            [b'\\', b'r' | b'n', ..] => return i,
+            _ => i += 1,
+        }
+    }
+    line.len()
+}
+
+/// `line` with the value of every credential header replaced by `[redacted]`.
 pub fn redact_credentials(line: &[u8]) -> Cow<'_, [u8]> {
     let lower = line.to_ascii_lowercase();
     let mut cuts: Vec<(usize, usize)> = Vec::new();
     for name in SECRET_HEADERS {
         let mut from = 0;
         while let Some(at) = find(&lower[from..], name) {
-            let start = from + at + name.len();
-            let end = line[start..]
-                .iter()
-                .position(|b| matches!(b, b'\r' | b'\n' | b'\\' | b'"'))
-                .map_or(line.len(), |p| start + p);
-            if end > start {
-                cuts.push((start, end));
+            let after_name = from + at + name.len();
+            if let Some(start) = value_start(line, after_name) {
+                let end = value_end(line, start);
+                if end > start {
+                    cuts.push((start, end));
+                }
             }
-            from = start;
+            from = after_name;
         }
     }
     if cuts.is_empty() {
@@ -105,6 +124,18 @@ mod tests {
     fn ordinary_lines_pass_unchanged() {
         let line = b"INFO request path=/a status=200";
         assert!(matches!(redact_credentials(line), Cow::Borrowed(_)));
+        for spaced in [
+            &br#"buf: "Authorization:\tBearer s3cret\r\nX: 1""#[..],
+            br#"buf: "Authorization : Bearer s3cret\r\n""#,
+            br#"buf: "authorization:\t Bearer\ts3cret\r\n""#,
+        ] {
+            let out = redact_credentials(spaced);
+            assert!(
+                !String::from_utf8_lossy(&out).contains("s3cret"),
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
+        }
         let raw = b"authorization: Bearer x\nnext";
         assert_eq!(
             &*redact_credentials(raw),

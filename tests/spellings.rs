@@ -376,14 +376,20 @@ async fn the_admin_token_guards_every_spelling() {
 
         // A request Pingora cannot parse is logged without its credentials.
         // (Pingora closes such a connection without an answer.)
-        let mut bad = TcpStream::connect(a).expect("connect");
-        bad.set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
-        bad.write_all(
-            b"DELETE /v1/limits/report/per-ip?key=127.0.0.1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer s3cret\r\nX Bad: 1\r\n\r\n",
-        )
-        .expect("write");
-        let _ = bad.read_to_end(&mut Vec::new());
+        for auth in [
+            "Authorization: Bearer s3cret",
+            "Authorization:\tBearer s3cret",
+            "Authorization : Bearer s3cret",
+        ] {
+            let mut bad = TcpStream::connect(a).expect("connect");
+            bad.set_read_timeout(Some(Duration::from_secs(2)))
+                .expect("timeout");
+            let request = format!(
+                "DELETE /v1/limits/report/per-ip?key=127.0.0.1 HTTP/1.1\r\nHost: a\r\n{auth}\r\nX Bad: 1\r\n\r\n"
+            );
+            bad.write_all(request.as_bytes()).expect("write");
+            let _ = bad.read_to_end(&mut Vec::new());
+        }
     })
     .await
     .unwrap();

@@ -88,8 +88,11 @@ fn check_token_depth(text: &str) -> Result<(), Problem> {
     }
     match scanner.get_error() {
         None => Ok(()),
-        // yaml_rust2 refuses flow nesting past its own limit (256) before it yields the tokens.
+        // yaml_rust2 refuses flow nesting past its own limit (256) before it yields the tokens:
+        // the line scan usually finds where the 65th level opened (a better place to point
+        // at); where it is misled, the scanner's own place.
         Some(e) if e.info() == "recursion limit exceeded" => {
+            check_depth(text)?;
             Err(too_deep(e.marker().line(), e.marker().col() + 1))
         }
         Some(_) => check_depth(text),

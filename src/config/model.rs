@@ -859,6 +859,38 @@ mod tests {
     }
 
     #[test]
+    fn overrides_are_normalised_like_requests() {
+        let yaml = "upstreams: { app: { targets: [\"127.0.0.1:9\"] } }\nroutes:\n  - name: r\n    upstream: app\n    limits:\n      - { name: m, key: [method], rate: 1/s, overrides: { get: { burst: 7 } } }\n      - { name: h, key: [host], rate: 1/s, overrides: { \"API.example.com.\": { burst: 7 } } }\n      - { name: p, key: [path], rate: 1/s, overrides: { \"/a/../b\": { burst: 7 } } }\n";
+        let config = parse(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let route = &config.router.routes()[0];
+        let find = |name: &str, value: &str| {
+            route
+                .limits
+                .iter()
+                .find(|l| &*l.name == name)
+                .map(|l| l.policy_for(value).burst)
+        };
+        assert_eq!(find("m", "GET"), Some(7));
+        assert_eq!(find("h", "api.example.com"), Some(7));
+        assert_eq!(find("p", "/b"), Some(7));
+    }
+
+    #[test]
+    fn a_present_but_empty_upstream_tls_is_tls_with_defaults() {
+        let yaml = "upstreams:\n  a:\n    targets: [\"127.0.0.1:9\"]\n    tls:\n      # sni: x\n  b: { targets: [\"127.0.0.1:9\"], tls: ~ }\n  c: { targets: [\"127.0.0.1:9\"] }\nroutes: [ { name: r, upstream: a } ]\n";
+        let config = parse(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let tls = |name: &str| config.upstreams.get(name).map(|u| u.tls.is_some());
+        assert_eq!(tls("a"), Some(true));
+        assert_eq!(tls("b"), Some(true));
+        assert_eq!(tls("c"), Some(false));
+        assert!(config
+            .upstreams
+            .get("a")
+            .and_then(|u| u.tls.as_ref())
+            .is_some_and(|t| t.verify));
+    }
+
+    #[test]
     fn ipv4_mapped_trusted_proxies_hold_their_ipv4_range() {
         let yaml = "client_ip: { trusted_proxies: [\"::ffff:10.0.0.0/104\", \"::ffff:192.0.2.7\"] }\nupstreams: { app: { targets: [\"127.0.0.1:9\"] } }\nroutes: [ { name: r, upstream: app } ]\n";
         let config = parse(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));

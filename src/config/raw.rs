@@ -4,6 +4,16 @@
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
+/// For a field whose presence turns something on: present but null is the default value, not
+/// absent.
+fn null_is_default<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Some(Option::<T>::deserialize(d)?.unwrap_or_default()))
+}
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,12 +65,15 @@ impl<'de> Deserialize<'de> for RawListen {
 #[serde(deny_unknown_fields)]
 pub struct RawListenFull {
     pub address: String,
+    /// A present `tls:` with nothing under it is TLS (and then an error: it needs `certs`).
+    #[serde(default, deserialize_with = "null_is_default")]
     pub tls: Option<RawTls>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
+    #[serde(default)]
     pub certs: Vec<RawCertPair>,
     pub min_version: Option<RawVersion>,
 }
@@ -197,7 +210,9 @@ pub struct RawUpstream {
     pub targets: Vec<String>,
     pub connect_timeout_ms: Option<u64>,
     pub read_timeout_ms: Option<u64>,
-    /// Speak TLS to the targets.
+    /// Speak TLS to the targets. A present `tls:` with nothing under it (`tls: ~`, or keys all
+    /// commented out) is TLS with the defaults, never plain text.
+    #[serde(default, deserialize_with = "null_is_default")]
     pub tls: Option<RawUpstreamTls>,
     /// Speak HTTP/2 to the targets (h2c prior knowledge in plain text, ALPN `h2` over TLS).
     #[serde(default)]

@@ -436,6 +436,23 @@ impl ProxyHttp for Gateway {
         Ok(false)
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        _ctx: &mut Ctx,
+    ) -> Result<()> {
+        // An empty body chunk (an HTTP/2 DATA frame of length 0, which gRPC clients send to
+        // end a stream) would be written to an HTTP/1.1 upstream as a chunk of size 0, i.e.
+        // the chunked body's end, followed by the real end: the upstream would read a second
+        // request from what follows (request smuggling across clients). Nothing to forward.
+        if body.as_ref().is_some_and(Bytes::is_empty) {
+            *body = None;
+        }
+        Ok(())
+    }
+
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let route = ctx
             .route
