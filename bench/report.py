@@ -76,6 +76,22 @@ def table(rows, meta):
     h_d = ratio("h", "d")
     if h_d is not None:
         checks.append(("h/d throughput, Redis down vs memory (target close to 1)", fmt(h_d, 2), h_d >= 0.8))
+    # TLS and HTTP/2: each Tollgate row next to NGINX doing the same (same certificate, same
+    # client, one worker each).
+    pairs = [("t", "tn", "TLS, HTTP/1.1 keep-alive"), ("hs", "hsn", "TLS, new handshake per request"),
+             ("h2", "h2n", "HTTP/2 over TLS"), ("h2c", "h2cn", "h2c prior knowledge")]
+    pairs = [(a, b, what) for a, b, what in pairs if a in by and b in by]
+    if pairs:
+        def quot(x, y):
+            return None if x is None or not y else x / y
+        out.append("| Tollgate / NGINX | req/s | p99 | proxy CPU/req |")
+        out.append("|---|---:|---:|---:|")
+        for a, b, what in pairs:
+            ra, rb = by[a], by[b]
+            out.append("| {} ({}/{}) | {} | {} | {} |".format(
+                what, a, b, fmt(quot(ra["rps"], rb["rps"]), 2), fmt(quot(ra["p99_us"], rb["p99_us"]), 2),
+                fmt(quot(ra.get("proxy_cpu_us"), rb.get("proxy_cpu_us")), 2)))
+        out.append("")
     out.append("| target | measured | met |")
     out.append("|---|---:|:---:|")
     for name, value, ok in checks:
@@ -85,7 +101,12 @@ def table(rows, meta):
                "gateway otherwise) divided by requests; Redis CPU and commands are deltas of "
                "`INFO cpu` and `INFO commandstats` (INFO itself excluded) divided by requests, "
                "summed over the 3 masters in the Cluster rows (ec, fc, emc); EVALSHA/req is the "
-               "script calls alone.")
+               "script calls alone. TLS and HTTP/2 rows (t, hs, h2, h2c and their NGINX "
+               "counterparts tn, hsn, h2n, h2cn, proxy CPU from the NGINX worker): t with wrk over "
+               "https; hs with wrk sending `Connection: close`, so req/s is new TLS connections "
+               "(full handshakes, ECDSA P-256) per second and proxy CPU/req the cost of one "
+               "handshake plus its request; h2 and h2c with `h2load -t1 -c32 -m10`, "
+               "percentiles from its per-request log.")
     return "\n".join(out) + "\n"
 
 

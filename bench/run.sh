@@ -6,8 +6,9 @@
 #   bash bench/run.sh            # 10 s per scenario
 #   bash bench/run.sh --quick    # 1 s per scenario (CI: checks the suite still runs)
 #
-# ONLY="e f" bash bench/run.sh runs just those scenarios (ids a-h, cm, em, and the Redis Cluster
-# ones ec, fc, emc); its results are written as <date>-only-e-f.* so a full run's are kept.
+# ONLY="e f" bash bench/run.sh runs just those scenarios (ids a-h, cm, em, the Redis Cluster
+# ones ec, fc, emc, and the TLS/HTTP/2 ones t, hs, h2, h2c, each with its NGINX counterpart tn,
+# hsn, h2n, h2cn); its results are written as <date>-only-e-f.* so a full run's are kept.
 # Results go to bench/results/<date>.md, .jsonl, .svg (--quick: <date>-quick.*, not committed).
 # Bounded in time, loopback only; every process it starts is stopped on exit.
 set -euo pipefail
@@ -23,6 +24,8 @@ need=()
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v h2load >/dev/null 2>&1 || need+=(nghttp2-client)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   DEBIAN_FRONTEND=noninteractive apt-get update -qq
@@ -30,8 +33,13 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 NGINX=$(command -v nginx)
 
-cargo build --release --quiet --bin tollgate
-BIN="$ROOT/target/release/tollgate"
+# TOLLGATE_BIN=PATH benchmarks that binary instead of building the release one.
+if [ -n "${TOLLGATE_BIN:-}" ]; then
+  BIN=$TOLLGATE_BIN
+else
+  cargo build --release --quiet --bin tollgate
+  BIN="$ROOT/target/release/tollgate"
+fi
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -141,12 +149,16 @@ redis_evalsha() {
 }
 
 # --- gateway configs ---
-gateway_config() { # $1 = file, $2 = store yaml, $3 = limits yaml, $4 = port, $5 = admin port
+gateway_config() { # $1 = file, $2 = store yaml, $3 = limits yaml, $4 = port, $5 = admin port,
+                  # [$6 = listen yaml, $7 = server yaml]
+  local listen="[\"127.0.0.1:$4\"]" server="{ threads: 1 }"
+  [ -n "${6:-}" ] && listen=$6
+  [ -n "${7:-}" ] && server=$7
   cat > "$1" <<CONF
-listen: ["127.0.0.1:$4"]
+listen: $listen
 admin: { listen: "127.0.0.1:$5" }
 access_log: off
-server: { threads: 1 }
+server: $server
 store: $2
 breaker: { failure_threshold: 3, open_ms: 1000, fallback: local }
 upstreams: { up: { targets: ["127.0.0.1:$UP"] } }
@@ -173,20 +185,68 @@ RESULTS="$WORK/results.jsonl"
 MACHINE="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
 echo "{\"meta\": {\"date\": \"$(date -u +%Y-%m-%d)\", \"machine\": \"$MACHINE\", \"wrk\": \"-t1 -c$CONNS\", \"seconds\": $SECONDS_PER}}" > "$RESULTS"
 
+# drive URL CONNS KEYS KEY SECONDS: one load run, printing wrk.lua's JSON summary line.
+# LOAD (env): h1 (default; wrk, keep-alive), close (wrk, `Connection: close`: one new
+# connection, and over https one full TLS handshake, per request), h2 (h2load -t1 -c CONNS
+# -m 10: HTTP/2 over TLS by ALPN for https, prior knowledge (h2c) for http; p50/p99/p99.9 from
+# its per-request log).
+drive() {
+  local url=$1 conns=$2 keys=$3 key=$4 secs=$5
+  case "${LOAD:-h1}" in
+    h1) KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d"${secs}s" -s bench/wrk.lua "$url" ;;
+    close) CLOSE=1 KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d"${secs}s" -s bench/wrk.lua "$url" ;;
+    h2)
+      local log="$WORK/h2load.log" out
+      rm -f "$log"
+      out=$(h2load -t1 -c"$conns" -m10 -D"$secs" --log-file="$log" "${url}bench")
+      python3 - "$out" "$log" "$url" <<'PY'
+import json, re, sys
+out, log, url = sys.argv[1:]
+proto = re.search(r"Application protocol: (\S+)", out)
+want = "h2" if url.startswith("https:") else "h2c"
+if not proto or proto.group(1) != want:
+    sys.exit(f"h2load did not speak {want} to {url}:\n{out}")
+secs = re.search(r"finished in ([\d.]+)(us|ms|s),", out)
+scale = {"us": 1, "ms": 1e3, "s": 1e6}[secs.group(2)]
+req = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+                r"(\d+) failed, (\d+) errored, (\d+) timeout", out)
+codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+done = int(req.group(3))
+lat = []
+with open(log) as f:
+    for line in f:
+        parts = line.split("\t")
+        if len(parts) >= 3:
+            lat.append(int(parts[2]))
+lat.sort()
+pct = lambda q: lat[min(len(lat) - 1, int(len(lat) * q))] if lat else 0
+print("JSON " + json.dumps({
+    "requests": done, "duration_us": int(float(secs.group(1)) * scale),
+    "non2xx": sum(int(codes.group(i)) for i in (2, 3, 4)), "errors": int(req.group(5)) + int(req.group(7)),
+    "p50_us": pct(0.50), "p99_us": pct(0.99), "p999_us": pct(0.999)}))
+PY
+      ;;
+    *) echo "unknown LOAD=$LOAD" >&2; return 1 ;;
+  esac
+}
+
 # run_load ID NAME URL PROXY_PID CONNS [KEYS] [KEY] [REDIS_PORTS]
 # REDIS_PORTS: the servers whose CPU and commands are counted (space-separated; default the
-# standalone one).
+# standalone one). LOAD (env) as for drive.
 run_load() {
   wants "$1" || return 0
+  measure "$@"
+}
+measure() { # as run_load, whatever ONLY says
   local id=$1 name=$2 url=$3 pid=$4 conns=$5 keys=${6:-0} key=${7:-} ports
   read -r -a ports <<<"${8:-$RP}"
   # Warm up connections and caches.
-  KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d1s -s bench/wrk.lua "$url" >/dev/null 2>&1 || true
+  drive "$url" "$conns" "$keys" "$key" 1 >/dev/null 2>&1 || true
   local cpu0 r_cpu0 r_calls0 r_eval0
   cpu0=$(cpu_ticks "$pid"); r_cpu0=$(redis_cpu_us "${ports[@]}"); r_calls0=$(redis_calls "${ports[@]}")
   r_eval0=$(redis_evalsha "${ports[@]}")
   local out
-  out=$(KEYS=$keys KEY=$key wrk -t1 -c"$conns" -d"${SECONDS_PER}s" -s bench/wrk.lua "$url" | grep '^JSON ' | sed 's/^JSON //')
+  out=$(drive "$url" "$conns" "$keys" "$key" "$SECONDS_PER" | grep '^JSON ' | sed 's/^JSON //')
   local cpu1 r_cpu1 r_calls1 r_eval1
   cpu1=$(cpu_ticks "$pid"); r_cpu1=$(redis_cpu_us "${ports[@]}"); r_calls1=$(redis_calls "${ports[@]}")
   r_eval1=$(redis_evalsha "${ports[@]}")
@@ -253,6 +313,64 @@ CP="${CLUSTER_PORTS[*]+"${CLUSTER_PORTS[*]}"}"
 scenario ec "ec. Redis Cluster, 3 limits, 10k keys, allowed" "$REDIS_CLUSTER" "$THREE" "$CONNS" 10000 "" "$CP"
 scenario fc "fc. Redis Cluster, one key far over its limit" "$REDIS_CLUSTER" "$HOT" "$CONNS" 0 hot "$CP"
 scenario emc "ec at moderate load (wrk -c4)" "$REDIS_CLUSTER" "$THREE" 4 10000 "" "$CP"
+
+# --- TLS and HTTP/2 (t, hs, h2, h2c; NGINX counterparts tn, hsn, h2n, h2cn) ---
+# Both proxies: one ECDSA P-256 certificate made here, one worker, the route of d (one memory
+# limit that always allows) for the gateway, proxy_pass with a keepalive pool for NGINX, and
+# HTTP/1.1 to the upstream.
+pair() { wants "$1" || wants "$2"; } # a Tollgate row and its NGINX row run together
+if pair t tn || pair hs hsn || pair h2 h2n || pair h2c h2cn; then
+  TLS_CERT="$WORK/tls/cert.pem"; TLS_KEY="$WORK/tls/key.pem"
+  mkdir -p "$WORK/tls" "$WORK/nginx-tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$TLS_KEY" -out "$TLS_CERT" 2>/dev/null
+  NT_H1=$(free_port); NT_H2=$(free_port); NT_H2C=$(free_port)
+  cat > "$WORK/nginx-tls/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/nginx-tls/pid; error_log stderr error;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  ssl_certificate $TLS_CERT; ssl_certificate_key $TLS_KEY; ssl_protocols TLSv1.2 TLSv1.3;
+  server { listen 127.0.0.1:$NT_H1 ssl; listen 127.0.0.1:$NT_H2 ssl http2; listen 127.0.0.1:$NT_H2C http2;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+  "$NGINX" -p "$WORK/nginx-tls" -c "$WORK/nginx-tls/nginx.conf" 2>/dev/null & PIDS+=($!)
+  wait_port "$NT_H1"; wait_port "$NT_H2"; wait_port "$NT_H2C"
+  NT_WORKER=$(pgrep -P "$(cat "$WORK/nginx-tls/pid")" | head -1)
+fi
+# proto_scenario ID NAME LISTENER LOAD: the gateway with a TLS listener (LISTENER=tls) or a
+# plain one with server.h2c (LISTENER=h2c), driven with LOAD (see drive).
+proto_scenario() {
+  local id=$1 name=$2 listener=$3 load=$4 port admin cfg listen server scheme
+  port=$(free_port); admin=$(free_port); cfg="$WORK/$id.yaml"
+  if [ "$listener" = tls ]; then
+    listen="[ { address: \"127.0.0.1:$port\", tls: { certs: [ { cert: \"$TLS_CERT\", key: \"$TLS_KEY\" } ] } } ]"
+    server="{ threads: 1 }"; scheme=https
+  else
+    listen="[\"127.0.0.1:$port\"]"; server="{ threads: 1, h2c: true }"; scheme=http
+  fi
+  gateway_config "$cfg" "$MEM" "$ONE" "$port" "$admin" "$listen" "$server"
+  start_gateway "$cfg" "$port"
+  LOAD=$load measure "$id" "$name" "$scheme://127.0.0.1:$port/" "$GW_PID" "$CONNS"
+  stop_gateway
+}
+if pair t tn; then
+  proto_scenario t "t. Tollgate TLS, HTTP/1.1 keep-alive" tls h1
+  LOAD=h1 measure tn "tn. NGINX listen ssl, HTTP/1.1 keep-alive" "https://127.0.0.1:$NT_H1/" "$NT_WORKER" "$CONNS"
+fi
+if pair hs hsn; then
+  proto_scenario hs "hs. Tollgate TLS, new handshake per request" tls close
+  LOAD=close measure hsn "hsn. NGINX ssl, new handshake per request" "https://127.0.0.1:$NT_H1/" "$NT_WORKER" "$CONNS"
+fi
+if pair h2 h2n; then
+  proto_scenario h2 "h2. Tollgate TLS, HTTP/2 (h2load -m10)" tls h2
+  LOAD=h2 measure h2n "h2n. NGINX ssl http2, HTTP/2 (h2load -m10)" "https://127.0.0.1:$NT_H2/" "$NT_WORKER" "$CONNS"
+fi
+if pair h2c h2cn; then
+  proto_scenario h2c "h2c. Tollgate h2c prior knowledge (h2load -m10)" h2c h2
+  LOAD=h2 measure h2cn "h2cn. NGINX http2 plain, h2c (h2load -m10)" "http://127.0.0.1:$NT_H2C/" "$NT_WORKER" "$CONNS"
+fi
 
 DATE=$(date -u +%Y-%m-%d)
 SUFFIX=""

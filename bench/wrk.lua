@@ -1,7 +1,10 @@
 -- wrk script for the Tollgate benchmark: optional random key header, and a JSON summary line.
--- KEYS env: number of distinct x-key values (0 = no header); KEY env: one fixed x-key value.
+-- KEYS env: number of distinct x-key values (0 = no header); KEY env: one fixed x-key value;
+-- CLOSE=1: send `Connection: close`, so every request opens a new connection (a new TLS
+-- handshake over https; wrk keeps no TLS session to resume).
 local keys = tonumber(os.getenv("KEYS") or "0")
 local fixed = os.getenv("KEY")
+local close = os.getenv("CLOSE") == "1"
 
 function setup(thread)
   thread:set("id", math.random(1, 1000000))
@@ -13,6 +16,9 @@ end
 
 function request()
   local headers = {}
+  if close then
+    headers["Connection"] = "close"
+  end
   if fixed and fixed ~= "" then
     headers["x-key"] = fixed
   elseif keys > 0 then
