@@ -8,7 +8,7 @@
 //! - [`limiter`]: limits, the `Store` trait, the store slot and its connections, the decider
 //!   (deny cache, breaker, one deadline, fallback), token-bucket arithmetic, memory and Redis
 //!   stores, planning.
-//! - [`upstream`]: upstream groups, round robin, timeouts.
+//! - [`upstream`]: upstream groups, round robin, timeouts, TLS (CA, SNI, verify) and HTTP/2 to targets.
 //! - [`redact`]: log output without credentials (Pingora logs raw request bytes it cannot parse).
 //! - [`proxy`]: the Pingora `ProxyHttp` phases and the responses the gateway writes itself.
 //! - [`admin`]: health, readiness and metrics on the admin listener.
