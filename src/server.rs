@@ -76,8 +76,21 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy =
-        pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(shared.clone()));
+    // Listeners whose `min_version` is 1.3: the resolver refuses ClientHellos without a 1.3
+    // suite, and the proxy refuses any request that arrives over a 1.2 session anyway.
+    let tls13_only: Vec<std::net::SocketAddr> = listen
+        .iter()
+        .filter(|l| {
+            l.tls
+                .as_ref()
+                .is_some_and(|t| t.min_version == crate::tls::MinVersion::Tls13)
+        })
+        .map(|l| l.address)
+        .collect();
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        Gateway::new(shared.clone()).with_tls13_only(tls13_only),
+    );
     if settings.h2c {
         // Plain listeners also take HTTP/2 with prior knowledge: Pingora peeks at the first
         // bytes of each connection and speaks HTTP/2 when they are the h2 preface, HTTP/1.1

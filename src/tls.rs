@@ -135,8 +135,21 @@ impl std::fmt::Display for PairError {
 /// Certificate or key files larger than this are refused unread.
 const MAX_PEM_BYTES: u64 = 1 << 20;
 
+/// Refuses anything but a regular file (after symlinks) before it is opened: opening a FIFO
+/// blocks until a writer comes, which would stall rotation and reloads for good.
+pub fn regular_file(path: &Path) -> Result<(), String> {
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if meta.is_file() {
+        Ok(())
+    } else {
+        Err(format!("{} is not a regular file", path.display()))
+    }
+}
+
 fn read_pem(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
+    regular_file(path)?;
     let file =
         std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut bytes = Vec::new();

@@ -138,6 +138,7 @@ impl std::fmt::Debug for UpstreamTls {
 /// usable as a trust anchor, and there must be at least one. The error says what is wrong
 /// (the caller names the file and field).
 pub fn load_ca(path: &str) -> Result<Arc<[WrappedX509]>, String> {
+    crate::tls::regular_file(std::path::Path::new(path))?;
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"))?;
     let mut reader = std::io::BufReader::new(bytes.as_slice());
     let mut certs = Vec::new();

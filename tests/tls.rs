@@ -323,6 +323,26 @@ async fn min_version_13_refuses_a_tls12_handshake() {
         s_client(port, Some("a.test"), &[]).map(|h| h.version),
         Some("TLSv1.3".to_string())
     );
+    // A hand-made ClientHello that lists TLS 1.3 suites but can only speak 1.2 gets its
+    // handshake; its request is refused on the negotiated version.
+    let script = pki.file("tls12_with_13_suites.py");
+    std::fs::write(&script, include_str!("py/tls12_with_13_suites.py")).unwrap();
+    let out = run(Command::new("python3").arg(&script).args([
+        &port.to_string(),
+        "a.test",
+        "1301,c02b",
+        "/free/x",
+    ]));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.contains("server Finished decrypted"),
+        "the 1.2 handshake completed (the case under test): {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains(" 200 "),
+        "no answer from the route: {stdout}"
+    );
     assert_eq!(
         up.hits(),
         1,
@@ -635,4 +655,44 @@ async fn h2_over_tls_limits_each_stream_on_one_connection() {
     assert!(headers.starts_with("http/2 429"), "{headers}");
     assert!(headers.contains("\nretry-after: "), "{headers}");
     assert_eq!(up.hits(), 1 + 5);
+}
+
+/// A FIFO at a certificate path (or anything whose open blocks) is refused at once, not
+/// waited on: opening it would stall `validate`, start-up, rotation and every later reload.
+#[test]
+fn a_fifo_at_a_cert_path_is_refused_not_waited_on() {
+    let pki = Pki::new();
+    let fifo = pki.file("fifo.crt");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+    assert!(made.success());
+    let text = format!(
+        "listen:\n  - {{ address: \"127.0.0.1:{}\", tls: {{ certs: [ {{ cert: \"{}\", key: \"{}\" }} ] }} }}\nroutes: []\n",
+        free_port(),
+        pki.file_str("fifo.crt"),
+        pki.file_str("b.key"),
+    );
+    let file = pki.file("fifo.yaml");
+    std::fs::write(&file, text).unwrap();
+    let mut child = Command::new(common::bin())
+        .arg("validate")
+        .arg(&file)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn validate");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("tollgate validate hung on a FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("listen[0].tls.certs[0].cert: ")
+            && stdout.contains("is not a regular file"),
+        "{stdout}"
+    );
 }

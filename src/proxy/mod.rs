@@ -35,11 +35,40 @@ use std::time::{Duration, Instant};
 /// The gateway's proxy logic.
 pub struct Gateway {
     shared: Arc<Shared>,
+    /// TLS listeners with `min_version: "1.3"`.
+    tls13_only: Vec<std::net::SocketAddr>,
 }
 
 impl Gateway {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Gateway { shared }
+        Gateway {
+            shared,
+            tls13_only: Vec::new(),
+        }
+    }
+
+    /// Requests over TLS 1.2 on these listeners are refused (their `min_version` is 1.3).
+    pub fn with_tls13_only(mut self, listeners: Vec<std::net::SocketAddr>) -> Self {
+        self.tls13_only = listeners;
+        self
+    }
+
+    /// Whether this session came over TLS older than 1.3 on a listener that needs 1.3.
+    fn below_min_version(&self, session: &Session) -> bool {
+        if self.tls13_only.is_empty() {
+            return false;
+        }
+        let Some(ssl) = session.digest().and_then(|d| d.ssl_digest.as_ref()) else {
+            return false;
+        };
+        let tls13 = matches!(ssl.version.as_ref(), "TLSv1_3" | "TLSv1.3");
+        let Some(local) = session.server_addr().and_then(|a| a.as_inet()) else {
+            return !tls13;
+        };
+        !tls13
+            && self.tls13_only.iter().any(|l| {
+                l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip())
+            })
     }
 
     fn stats<'r>(&self, route: &'r Route) -> &'r RouteStats {
@@ -272,6 +301,16 @@ impl ProxyHttp for Gateway {
         // served one at a time and answered in order. Pingora carries the flag to the next
         // request on the connection; setting it on each costs nothing.
         session.set_pipelining_enabled(true);
+        // The resolver refuses ClientHellos that offer no TLS 1.3 suite, but a hand-made one
+        // offering 1.3 suites without `supported_versions` still negotiates 1.2: refused here,
+        // on the negotiated version, before anything is routed.
+        if self.below_min_version(session) {
+            session.set_keepalive(None);
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(426),
+                "TLS 1.2 session on a listener whose min_version is 1.3",
+            ));
+        }
         Ok(())
     }
 
