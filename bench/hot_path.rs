@@ -1,5 +1,5 @@
 //! Criterion micro-benchmarks of the hot path: key derivation, route matching (10k routes,
-//! indexed vs. a linear scan), and the memory token bucket.
+//! indexed vs. a linear scan), and the memory store (token bucket, fixed and sliding window).
 //!
 //! `cargo bench --bench hot_path`
 
@@ -11,7 +11,7 @@ use std::time::Duration;
 use tollgate::keys::{self, KeySpec, RequestView};
 use tollgate::limiter::clock::MonotonicClock;
 use tollgate::limiter::memory::MemoryStore;
-use tollgate::limiter::{BucketRequest, Store};
+use tollgate::limiter::{Algorithm, BucketRequest, Store};
 use tollgate::routes::{HeaderFlags, PathMatch, Route, RouteMatch, Router};
 use tollgate::upstream::Upstream;
 
@@ -125,6 +125,7 @@ fn memory_bucket(c: &mut Criterion) {
     let store = MemoryStore::new(1_000_000, Arc::new(MonotonicClock::new()));
     let one = [BucketRequest {
         key: "bench:per-ip:{203.0.113.9}".into(),
+        algorithm: Algorithm::TokenBucket,
         interval_ns: 1_000,
         burst: 1_000_000_000,
         cost: 1,
@@ -136,6 +137,7 @@ fn memory_bucket(c: &mut Criterion) {
         .iter()
         .map(|k| BucketRequest {
             key: format!("bench:{k}:{{v}}"),
+            algorithm: Algorithm::TokenBucket,
             interval_ns: 1_000,
             burst: 1_000_000_000,
             cost: 1,
@@ -144,6 +146,21 @@ fn memory_bucket(c: &mut Criterion) {
     c.bench_function("memory/decide_three_buckets", |b| {
         b.iter(|| futures::executor::block_on(store.decide(black_box(&three), far)))
     });
+    for (name, algorithm) in [
+        ("memory/decide_one_fixed_window", Algorithm::FixedWindow),
+        ("memory/decide_one_sliding_window", Algorithm::SlidingWindow),
+    ] {
+        let one = [BucketRequest {
+            key: format!("bench:{}:{{203.0.113.9}}", algorithm.name()),
+            algorithm,
+            interval_ns: 60_000_000_000,
+            burst: 1_000_000_000,
+            cost: 1,
+        }];
+        c.bench_function(name, |b| {
+            b.iter(|| futures::executor::block_on(store.decide(black_box(&one), far)))
+        });
+    }
 }
 
 criterion_group!(benches, key_derivation, route_matching, memory_bucket);

@@ -6,9 +6,11 @@
 #   bash bench/run.sh            # 10 s per scenario
 #   bash bench/run.sh --quick    # 1 s per scenario (CI: checks the suite still runs)
 #
-# ONLY="e f" bash bench/run.sh runs just those scenarios (ids a-h, cm, em, the Redis Cluster
-# ones ec, fc, emc, and the TLS/HTTP/2 ones t, hs, h2, h2c, each with its NGINX counterpart tn,
-# hsn, h2n, h2cn); its results are written as <date>-only-e-f.* so a full run's are kept.
+# ONLY="e f" bash bench/run.sh runs just those scenarios (ids a-h, bl (NGINX limit_req, the
+# reference for d), cm, em, the Redis Cluster
+# ones ec, fc, emc, the TLS/HTTP/2 ones t, hs, h2, h2c, each with its NGINX counterpart tn,
+# hsn, h2n, h2cn, and the rate-limit service's rls, rls1, rlsr with /v1/check's chk, chkr);
+# its results are written as <date>-only-e-f.* so a full run's are kept.
 # Results go to bench/results/<date>.md, .jsonl, .svg (--quick: <date>-quick.*, not committed).
 # Bounded in time, loopback only; every process it starts is stopped on exit.
 set -euo pipefail
@@ -72,12 +74,47 @@ wait_port() {
   done
   echo "port $1 never opened" >&2; return 1
 }
+# nginx_procs MASTER_PID: the master and its worker(s), once the worker has been forked.
+nginx_procs() {
+  local workers=""
+  for _ in $(seq 1 200); do
+    workers=$(pgrep -P "$1" | tr '\n' ' ')
+    [ -n "$workers" ] && break
+    sleep 0.05
+  done
+  [ -n "$workers" ] || { echo "NGINX $1 has no worker" >&2; return 1; }
+  echo "$1 $workers"
+}
 wants() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# cpu_ticks PID...: user + system CPU ticks of those processes (all their threads), summed.
+cpu_ticks() {
+  local pid sum=0 t
+  for pid in "$@"; do
+    t=$(awk '{print $14 + $15}' "/proc/$pid/stat"); sum=$((sum + t))
+  done
+  echo "$sum"
+}
 TICK=$(getconf CLK_TCK)
 
+# The decision driver of the rls/chk scenarios (examples/rls_load.rs), built before anything is
+# measured. --quick uses its debug build (`cargo test` has built it; a release build of an
+# example compiles every dev-dependency with fat LTO, minutes): those numbers are not kept.
+# RLS_LOAD_BIN=PATH uses that driver instead.
+decision_rows() { wants rls || wants rls1 || wants rlsr || wants chk || wants chkr; }
+if decision_rows; then
+  if [ -n "${RLS_LOAD_BIN:-}" ]; then
+    RLS_LOAD=$RLS_LOAD_BIN
+  elif [ "$QUICK" = 1 ]; then
+    cargo build --quiet --example rls_load
+    RLS_LOAD="$ROOT/target/debug/examples/rls_load"
+  else
+    cargo build --release --quiet --example rls_load
+    RLS_LOAD="$ROOT/target/release/examples/rls_load"
+  fi
+fi
+
 # --- upstream and reference proxy (NGINX, one worker each) ---
-UP=$(free_port); REF=$(free_port)
+UP=$(free_port); REF=$(free_port); REF_LIMIT=$(free_port)
 mkdir -p "$WORK/nginx-up" "$WORK/nginx-ref"
 cat > "$WORK/nginx-up/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $WORK/nginx-up/pid; error_log stderr error;
@@ -90,13 +127,18 @@ worker_processes 1; daemon off; pid $WORK/nginx-ref/pid; error_log stderr error;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   upstream up { server 127.0.0.1:$UP; keepalive 128; }
-  server { listen 127.0.0.1:$REF; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+  server { listen 127.0.0.1:$REF; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } }
+  # bl: the reference for d (one memory limit per client address that always allows).
+  limit_req_zone \$binary_remote_addr zone=bench:10m rate=1000000r/s;
+  server { listen 127.0.0.1:$REF_LIMIT; location / { limit_req zone=bench burst=1000000 nodelay; limit_req_status 429;
+    proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
 "$NGINX" -p "$WORK/nginx-up" -c "$WORK/nginx-up/nginx.conf" 2>/dev/null & PIDS+=($!)
 "$NGINX" -p "$WORK/nginx-ref" -c "$WORK/nginx-ref/nginx.conf" 2>/dev/null & PIDS+=($!)
-wait_port "$UP"; wait_port "$REF"
+wait_port "$UP"; wait_port "$REF"; wait_port "$REF_LIMIT"
+# NGINX rows count the master and its worker together (the master is idle under load).
 REF_PID=$(cat "$WORK/nginx-ref/pid")
-REF_WORKER=$(pgrep -P "$REF_PID" | head -1)
+REF_PROCS=$(nginx_procs "$REF_PID")
 
 # --- Redis, and a 5 ms relay in front of it ---
 RP=$(free_port); SLOW=$(free_port); DEAD=$(free_port)
@@ -150,7 +192,7 @@ redis_evalsha() {
 
 # --- gateway configs ---
 gateway_config() { # $1 = file, $2 = store yaml, $3 = limits yaml, $4 = port, $5 = admin port,
-                  # [$6 = listen yaml, $7 = server yaml]
+                  # [$6 = listen yaml, $7 = server yaml, $8 = more top-level yaml]
   local listen="[\"127.0.0.1:$4\"]" server="{ threads: 1 }"
   [ -n "${6:-}" ] && listen=$6
   [ -n "${7:-}" ] && server=$7
@@ -166,6 +208,7 @@ routes:
   - name: bench
     upstream: up
     limits: $3
+${8:-}
 CONF
 }
 MEM='{ kind: memory }'
@@ -189,7 +232,10 @@ echo "{\"meta\": {\"date\": \"$(date -u +%Y-%m-%d)\", \"machine\": \"$MACHINE\",
 # LOAD (env): h1 (default; wrk, keep-alive), close (wrk, `Connection: close`: one new
 # connection, and over https one full TLS handshake, per request), h2 (h2load -t1 -c CONNS
 # -m 10: HTTP/2 over TLS by ALPN for https, prior knowledge (h2c) for http; p50/p99/p99.9 from
-# its per-request log).
+# its per-request log), rls (examples/rls_load.rs: CONNS concurrent ShouldRateLimit calls to
+# the RLS address URL over RLS_CONNECTIONS HTTP/2 connections, RLS_DESCRIPTORS descriptors of
+# KEYS values each), check (the same driver: CONNS concurrent POST /v1/check to URL over
+# HTTP/1.1 keep-alive, the same decision as a JSON key).
 drive() {
   local url=$1 conns=$2 keys=$3 key=$4 secs=$5
   case "${LOAD:-h1}" in
@@ -226,33 +272,51 @@ print("JSON " + json.dumps({
     "p50_us": pct(0.50), "p99_us": pct(0.99), "p999_us": pct(0.999)}))
 PY
       ;;
+    rls)
+      "$RLS_LOAD" --rls "$url" --concurrency "$conns" --connections "${RLS_CONNECTIONS:-1}" \
+        --duration "$secs" --descriptors "$RLS_DESCRIPTORS" --keys "$keys" ;;
+    check)
+      "$RLS_LOAD" --check "$url" --concurrency "$conns" --duration "$secs" \
+        --descriptors "$RLS_DESCRIPTORS" --keys "$keys" ;;
     *) echo "unknown LOAD=$LOAD" >&2; return 1 ;;
   esac
 }
 
-# run_load ID NAME URL PROXY_PID CONNS [KEYS] [KEY] [REDIS_PORTS]
+# run_load ID NAME URL PROXY_PIDS CONNS [KEYS] [KEY] [REDIS_PORTS]
 # REDIS_PORTS: the servers whose CPU and commands are counted (space-separated; default the
 # standalone one). LOAD (env) as for drive.
 run_load() {
   wants "$1" || return 0
   measure "$@"
 }
+# Decisions the breaker's fallback made so far (a Redis call past timeout_ms counts as a failure;
+# three open the breaker for open_ms), from the gateway's /metrics on ADMIN (env); -1 without.
+fallbacks() {
+  if [ -z "${ADMIN:-}" ]; then echo -1; return; fi
+  python3 - "$ADMIN" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+print(sum(int(float(line.split()[-1])) for line in text.splitlines()
+          if line.startswith('tollgate_decision_duration_seconds_count{store="local_fallback"')))
+PY
+}
 measure() { # as run_load, whatever ONLY says
-  local id=$1 name=$2 url=$3 pid=$4 conns=$5 keys=${6:-0} key=${7:-} ports
+  local id=$1 name=$2 url=$3 conns=$5 keys=${6:-0} key=${7:-} ports pids
   read -r -a ports <<<"${8:-$RP}"
+  read -r -a pids <<<"$4" # the proxy's processes (NGINX: master and worker)
   # Warm up connections and caches.
   drive "$url" "$conns" "$keys" "$key" 1 >/dev/null 2>&1 || true
-  local cpu0 r_cpu0 r_calls0 r_eval0
-  cpu0=$(cpu_ticks "$pid"); r_cpu0=$(redis_cpu_us "${ports[@]}"); r_calls0=$(redis_calls "${ports[@]}")
-  r_eval0=$(redis_evalsha "${ports[@]}")
+  local cpu0 r_cpu0 r_calls0 r_eval0 fb0
+  cpu0=$(cpu_ticks "${pids[@]}"); r_cpu0=$(redis_cpu_us "${ports[@]}"); r_calls0=$(redis_calls "${ports[@]}")
+  r_eval0=$(redis_evalsha "${ports[@]}"); fb0=$(fallbacks)
   local out
   out=$(drive "$url" "$conns" "$keys" "$key" "$SECONDS_PER" | grep '^JSON ' | sed 's/^JSON //')
-  local cpu1 r_cpu1 r_calls1 r_eval1
-  cpu1=$(cpu_ticks "$pid"); r_cpu1=$(redis_cpu_us "${ports[@]}"); r_calls1=$(redis_calls "${ports[@]}")
-  r_eval1=$(redis_evalsha "${ports[@]}")
-  python3 - "$id" "$name" "$out" "$cpu0" "$cpu1" "$TICK" "$r_cpu0" "$r_cpu1" "$r_calls0" "$r_calls1" "$r_eval0" "$r_eval1" "${#ports[@]}" >> "$RESULTS" <<'PY'
+  local cpu1 r_cpu1 r_calls1 r_eval1 fb1
+  cpu1=$(cpu_ticks "${pids[@]}"); r_cpu1=$(redis_cpu_us "${ports[@]}"); r_calls1=$(redis_calls "${ports[@]}")
+  r_eval1=$(redis_evalsha "${ports[@]}"); fb1=$(fallbacks)
+  python3 - "$id" "$name" "$out" "$cpu0" "$cpu1" "$TICK" "$r_cpu0" "$r_cpu1" "$r_calls0" "$r_calls1" "$r_eval0" "$r_eval1" "${#ports[@]}" "$fb0" "$fb1" >> "$RESULTS" <<'PY'
 import json, sys
-(id_, name, out, cpu0, cpu1, tick, rc0, rc1, calls0, calls1, ev0, ev1, servers) = sys.argv[1:]
+(id_, name, out, cpu0, cpu1, tick, rc0, rc1, calls0, calls1, ev0, ev1, servers, fb0, fb1) = sys.argv[1:]
 w = json.loads(out)
 req = max(w["requests"], 1)
 cpu_us = (int(cpu1) - int(cpu0)) / int(tick) * 1e6
@@ -262,13 +326,23 @@ row = {
     "id": id_, "name": name, "redis_servers": int(servers),
     "rps": w["requests"] / (w["duration_us"] / 1e6),
     "p50_us": w["p50_us"], "p99_us": w["p99_us"], "p999_us": w["p999_us"],
-    "non2xx": w["non2xx"], "errors": w["errors"],
+    "non2xx": w.get("non2xx", 0), "errors": w["errors"],
     "proxy_cpu_us": cpu_us / req,
     "redis_cpu_us": redis_cpu / req, "redis_cpu_total_us": redis_cpu,
     "redis_cmds": (int(calls1) - int(calls0)) / req,
     "evalsha_per_req": evals / req,
     "redis_decisions": w["requests"] if evals else 0,
 }
+# Decision rows (rls_load): OVER_LIMIT answers stand where wrk's non-2xx do; the driver's own
+# CPU is kept to show what the client cost.
+if "over_limit" in w:
+    row["non2xx"] = w["over_limit"]
+    row.update({"ok": w["ok"], "over_limit": w["over_limit"], "max_us": w["max_us"],
+                "connections": w["connections"], "descriptors": w["descriptors"]})
+    if w.get("driver_cpu_us") is not None:
+        row["driver_cpu_us"] = w["driver_cpu_us"] / req
+if int(fb0) >= 0:
+    row["fallback"] = int(fb1) - int(fb0)
 print(json.dumps(row))
 PY
   echo "  $id: $name done" >&2
@@ -283,9 +357,10 @@ start_gateway() {
 stop_gateway() { kill "$GW_PID" 2>/dev/null || true; wait "$GW_PID" 2>/dev/null || true; }
 
 echo "== scenarios (${SECONDS_PER}s each)" >&2
-UP_PID=$(cat "$WORK/nginx-up/pid"); UP_WORKER=$(pgrep -P "$UP_PID" | head -1)
-run_load a "a. upstream direct (NGINX return 200)" "http://127.0.0.1:$UP/" "$UP_WORKER" "$CONNS"
-run_load b "b. NGINX proxy_pass (reference proxy)" "http://127.0.0.1:$REF/" "$REF_WORKER" "$CONNS"
+UP_PID=$(cat "$WORK/nginx-up/pid"); UP_PROCS=$(nginx_procs "$UP_PID")
+run_load a "a. upstream direct (NGINX return 200)" "http://127.0.0.1:$UP/" "$UP_PROCS" "$CONNS"
+run_load b "b. NGINX proxy_pass (reference proxy)" "http://127.0.0.1:$REF/" "$REF_PROCS" "$CONNS"
+run_load bl "bl. NGINX proxy_pass + limit_req, allowed (reference for d)" "http://127.0.0.1:$REF_LIMIT/" "$REF_PROCS" "$CONNS"
 
 scenario() { # id name store limits conns keys key [redis ports]
   wants "$1" || return 0
@@ -337,7 +412,7 @@ http { access_log off; keepalive_requests 1000000;
 CONF
   "$NGINX" -p "$WORK/nginx-tls" -c "$WORK/nginx-tls/nginx.conf" 2>/dev/null & PIDS+=($!)
   wait_port "$NT_H1"; wait_port "$NT_H2"; wait_port "$NT_H2C"
-  NT_WORKER=$(pgrep -P "$(cat "$WORK/nginx-tls/pid")" | head -1)
+  NT_PID=$(cat "$WORK/nginx-tls/pid"); NT_WORKER=$(nginx_procs "$NT_PID")
 fi
 # proto_scenario ID NAME LISTENER LOAD: the gateway with a TLS listener (LISTENER=tls) or a
 # plain one with server.h2c (LISTENER=h2c), driven with LOAD (see drive).
@@ -372,12 +447,68 @@ if pair h2c h2cn; then
   LOAD=h2 measure h2cn "h2cn. NGINX http2 plain, h2c (h2load -m10)" "http://127.0.0.1:$NT_H2C/" "$NT_WORKER" "$CONNS"
 fi
 
+# --- the rate-limit service (rls, rlsr) next to the admin API's /v1/check (chk, chkr) ---
+# One gateway config for all four: a domain `bench` with RLS_DESCRIPTORS value-less descriptors
+# d0.. (own limits), and the route's limits keyed by header:x-d0.. for /v1/check, every limit
+# far above the load (every decision allowed). The load is examples/rls_load.rs, a single-thread
+# closed loop like wrk -t1, CONNS calls in flight, each a decision of RLS_DESCRIPTORS buckets
+# drawn from 10k values each (built at the start).
+RLS_DESCRIPTORS=3
+RLS_KEYS=10000
+if decision_rows; then
+  RLS_LIMITS="["; RLS_TREE=""
+  for i in $(seq 0 $((RLS_DESCRIPTORS - 1))); do
+    RLS_LIMITS="$RLS_LIMITS{ name: d$i, key: [\"header:x-d$i\"], rate: \"1000000/s\", burst: 1000000 }, "
+    RLS_TREE="$RLS_TREE        - { key: d$i, rate_limit: { rate: \"1000000/s\", burst: 1000000 } }
+"
+  done
+  RLS_LIMITS="${RLS_LIMITS%, }]"
+fi
+wait_ready() { # ADMIN_PORT: until /ready answers 200 (the store connected)
+  python3 - "$1" <<'PY'
+import sys, time, urllib.request
+for _ in range(200):
+    try:
+        if urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ready", timeout=1).status == 200:
+            sys.exit(0)
+    except Exception:
+        pass
+    time.sleep(0.05)
+sys.exit("the gateway never became ready")
+PY
+}
+# rls_scenario ID NAME STORE LOAD [RLS_CONNECTIONS]: LOAD rls (gRPC to rls.listen) or check
+# (POST /v1/check on the admin listener).
+rls_scenario() {
+  wants "$1" || return 0
+  local id=$1 name=$2 store=$3 load=$4 conns=${5:-1} port admin rls cfg target
+  port=$(free_port); admin=$(free_port); rls=$(free_port); cfg="$WORK/$id.yaml"
+  gateway_config "$cfg" "$store" "$RLS_LIMITS" "$port" "$admin" "" "" "rls:
+  listen: \"127.0.0.1:$rls\"
+  domains:
+    - domain: bench
+      descriptors:
+$RLS_TREE"
+  start_gateway "$cfg" "$port"
+  wait_port "$rls"; wait_ready "$admin"
+  if [ "$load" = rls ]; then target="127.0.0.1:$rls"; else target="http://127.0.0.1:$admin/v1/check"; fi
+  ADMIN=$admin RLS_CONNECTIONS=$conns LOAD=$load measure "$id" "$name" "$target" "$GW_PID" "$CONNS" "$RLS_KEYS"
+  stop_gateway
+}
+rls_scenario rls "rls. RLS gRPC, memory, 3 descriptors" "$MEM" rls "$CONNS"
+rls_scenario rls1 "rls1. as rls, one HTTP/2 connection (ghz default)" "$MEM" rls 1
+rls_scenario chk "chk. /v1/check HTTP/1.1, memory, 3 limits" "$MEM" check
+rls_scenario rlsr "rlsr. RLS gRPC, Redis, 3 descriptors" "$REDIS" rls "$CONNS"
+rls_scenario chkr "chkr. /v1/check HTTP/1.1, Redis, 3 limits" "$REDIS" check
+
 DATE=$(date -u +%Y-%m-%d)
 SUFFIX=""
 if [ -n "${ONLY:-}" ]; then
   read -r -a only <<<"$ONLY"
   SUFFIX="-only-$(IFS=-; echo "${only[*]}")"
 fi
+# TAG=before: a label for this run's files (two binaries compared with TOLLGATE_BIN, say).
+SUFFIX="$SUFFIX${TAG:+-$TAG}"
 [ "$QUICK" = 1 ] && SUFFIX="$SUFFIX-quick" # ignored by git
 OUT_MD="bench/results/$DATE$SUFFIX.md"
 OUT_SVG="bench/results/$DATE$SUFFIX.svg"

@@ -12,18 +12,26 @@ ARGV[1]   mode: "decide" (charge a request's buckets only if every one admits), 
           request another slot denied, or whose caller had given up), or "time" (only the clock).
 ARGV[2]   D, the number of requests in the batch.
 ARGV[3]   K, how many bucket keys are at the end of ARGV (0: the keys are KEYS).
-ARGV[4..] for each request:
+ARGV[4]   P, the number of distinct policies the call's buckets use; then P policies, each
+            interval_ns  token bucket: nanoseconds for one token to drip back (the gateway's
+                         integer interval, the same number the memory store uses); windows:
+                         the window's length in nanoseconds (whole seconds)
+            burst        bucket capacity in tokens; windows: the quota per window
+            algorithm    0 token bucket (GCRA), 1 sliding window, 2 fixed window
+          then for each request:
             n        the number of its buckets
             deadline Redis TIME in microseconds after which the request is not decided (its
                      caller has given up and used the fallback): 0 for none. In "refund"
                      mode: the refund's id (0: none); a refund whose id was already applied
                      to a bucket (marker key `{bucket key}#refund:{id}`, kept 10 min) is skipped
-            then for each bucket:
-            interval_ns  nanoseconds for one token to drip back (the gateway's integer
-                         interval, the same number the memory store uses)
-            burst        bucket capacity in tokens
-            cost         tokens this request takes (the caller sends at most burst + 1: any
-                         cost above the burst can never fit)
+            charged  only in "refund" mode: the Redis TIME second at which the refunded
+                     charge was made (a window refund goes back to the window it was charged
+                     in)
+            then one argument per bucket: "P" (its policy's position in the list above, from
+            1, and cost 1) or "P*C" (cost C; the caller sends at most burst + 1: any cost
+            above the burst can never fit)
+          (The policies are sent once per call, not once per bucket: a batch's requests share
+          a few limits, and every argument costs Redis a string to parse and intern.)
 
 Precision: Lua numbers are doubles, exact for integers below 2^53. The gateway only accepts
 policies whose full refill time interval_ns * burst is at most 2^53 ns (about 104 days), and
@@ -31,29 +39,58 @@ time is kept as whole seconds plus nanoseconds, never as one 1.8e18 ns timestamp
 value computed here is an exact integer and the script agrees with `src/limiter/gcra.rs` to the
 nanosecond. Divisions use math.fmod, which is exact.
 
-Stored value per bucket: "tat_s:tat_ns:interval_ns:burst", where tat (theoretical arrival time,
+Windows (src/limiter/window.rs has the same arithmetic, its doc the definitions): window i
+covers [i * W, (i + 1) * W) of Redis TIME. A fixed window admits while count + cost <= quota;
+a sliding window while cur + ceil(prev * left_ms / W_ms) + cost <= quota, left_ms being what
+is left of the current window in whole milliseconds (validation keeps quota * W_ms <= 2^53, so
+every product here is exact). Stored value: "index:cur:prev:W_ns:quota:alg", with a TTL until
+it counts nothing (the window's end; a sliding window's next window's end).
+
+Stored value per token bucket: "tat_s:tat_ns:interval_ns:burst", where tat (theoretical arrival time,
 in seconds and nanoseconds of Redis TIME) is when the bucket will be full again. A bucket whose
 interval or burst changed, or stored in an older layout, starts full. Each write sets the key's
 TTL to the time it takes to refill, so idle buckets disappear. The clock is Redis TIME, read
 once per call, never the caller's.
 
 Returns integers (all below 2^53): first Redis TIME as { seconds, microseconds }, then for
-          decide/peek, for each request in order
-            { status (1 all allowed, 0 denied, 2 deadline passed: nothing decided or charged), then per bucket: allowed (1|0), remaining tokens,
-              reset_ns (until full), retry_ns (until this cost fits; 0 when allowed, and 0
-              when the cost exceeds the burst: it never fits), next_ns (until the next whole
-              token; 0 when full) }
-          When a request is denied, its buckets that would have admitted report their state
-          uncharged (what they really hold), not what they would have held after the charge.
+          decide/peek, for each request in order its status (1 every bucket admits: charged in
+          "decide" mode; 0 some bucket denies: nothing charged; 2 deadline passed: nothing
+          decided or charged, and nothing more for this request), then (status 0 or 1) per
+          bucket its state as read, before this request's charge: a token bucket's debt (ns
+          until full, at most interval_ns * burst), a window's counts in force (cur, prev).
+          The gateway computes each bucket's outcome (remaining, reset, retry, next) from that
+          state at this TIME with the memory store's arithmetic (src/limiter/gcra.rs and
+          window.rs), which is what this script's decision is: returning states keeps the
+          reply to 1 + 1 or 2 numbers per bucket, and no header value is computed here.
           refund and time: nothing more.
 ]]
 
 local NS = 1000000000
-local t = redis.call('TIME')
+-- Globals are table lookups in Lua 5.1; the script reads these as locals.
+local fmod, ceil, tonumber, find, sub, format, call = math.fmod, math.ceil, tonumber,
+  string.find, string.sub, string.format, redis.call
+local argv = ARGV
+-- tonumber of an argument, memoized: counts, costs and policy positions repeat in a call, and
+-- each conversion is a strtod.
+local small = setmetatable({}, { __index = function(memo, text)
+  local v = tonumber(text)
+  memo[text] = v
+  return v
+end })
+local t = call('TIME')
 local now_s = tonumber(t[1])
 local now_ns = tonumber(t[2]) * 1000
-local mode = ARGV[1]
-local decisions = tonumber(ARGV[2])
+local mode = argv[1]
+-- Now in microseconds, as text: a deadline of the same length (every one from now until the
+-- year 2286) is compared as text, digit by digit, without converting it (a strtod each).
+local now_us_text = t[1] .. sub(t[2] + 1000000, 2)
+local function past(deadline)
+  if #deadline == #now_us_text then
+    return deadline < now_us_text
+  end
+  return now_s * 1000000 + now_ns / 1000 > tonumber(deadline)
+end
+local decisions = tonumber(argv[2])
 
 -- Buckets read in this call, and the ones changed: a bucket shared by several requests of a
 -- batch is read once and written once, at the end.
@@ -63,56 +100,43 @@ local dirty_order = {}
 
 -- floor(a / b) for integers 0 <= a <= 2^53, b >= 1, exactly.
 local function idiv(a, b)
-  return (a - math.fmod(a, b)) / b
+  return (a - fmod(a, b)) / b
 end
 
--- Nanoseconds from now until the bucket's tat (negative when in the past).
-local function debt_of(b)
-  return (b.s - now_s) * NS + (b.ns - now_ns)
-end
-
--- The bucket entry whose tat is `d` (0 <= d <= 2^53) nanoseconds from now.
-local function at(d, policy)
-  local r = math.fmod(d, NS)
-  local s = now_s + (d - r) / NS
-  local ns = now_ns + r
-  if ns >= NS then
-    ns = ns - NS
-    s = s + 1
-  end
-  return { s = s, ns = ns, policy = policy }
-end
-
+-- A token bucket as read in this call: `debt`, nanoseconds from now until it is full again
+-- (its tat minus now, 0 when full or unknown), and `policy`, the stored ":interval_ns:burst".
+-- Now is one instant for the whole call, so the debt stands for the tat until the write.
 -- `policy` is ":interval_ns:burst" as the caller wrote them; comparing the stored suffix with
 -- it is one plain string comparison. Returns the bucket's debt (0 when full or unknown).
 local function stored_debt(key, policy)
-  local cached = seen[key]
-  if cached == nil then
-    cached = { s = 0, ns = 0, policy = false }
-    local v = redis.call('GET', key)
+  local b = seen[key]
+  if b == nil then
+    b = { debt = 0, policy = false }
+    local v = call('GET', key)
     if v then
-      local c1 = string.find(v, ':', 1, true)
-      local c2 = c1 and string.find(v, ':', c1 + 1, true)
+      local c1 = find(v, ':', 1, true)
+      local c2 = c1 and find(v, ':', c1 + 1, true)
       if c2 then
-        cached.s = tonumber(string.sub(v, 1, c1 - 1)) or 0
-        cached.ns = tonumber(string.sub(v, c1 + 1, c2 - 1)) or 0
-        cached.policy = string.sub(v, c2)
+        local d = ((tonumber(sub(v, 1, c1 - 1)) or 0) - now_s) * NS
+          + ((tonumber(sub(v, c1 + 1, c2 - 1)) or 0) - now_ns)
+        if d > 0 then
+          b.debt = d
+        end
+        b.policy = sub(v, c2)
       end
     end
-    seen[key] = cached
+    seen[key] = b
   end
-  if cached.policy ~= policy then
+  if b.policy ~= policy then
     return 0
   end
-  local d = debt_of(cached)
-  if d < 0 then
-    return 0
-  end
-  return d
+  return b.debt
 end
 
+-- Sets a token bucket's debt (it must have been read, `stored_debt`, in this call).
 local function store(key, d, policy)
-  seen[key] = at(d, policy)
+  local b = seen[key]
+  b.debt, b.policy, b.window = d, policy, false
   if not dirty[key] then
     dirty[key] = true
     dirty_order[#dirty_order + 1] = key
@@ -122,136 +146,257 @@ end
 local function flush()
   for _, key in ipairs(dirty_order) do
     local b = seen[key]
-    local d = debt_of(b)
-    if d <= 0 then
-      redis.call('DEL', key)
+    if b.window then
+      if b.cur == 0 and b.prev == 0 then
+        call('DEL', key)
+      else
+        local ahead = 1
+        if b.sliding then
+          ahead = 2
+        end
+        local ttl_ms = ((b.idx + ahead) * b.ws - now_s) * 1000 - idiv(now_ns, 1000000)
+        if ttl_ms < 1 then
+          ttl_ms = 1
+        end
+        call('PSETEX', key, ttl_ms, format('%d:%d:%d%s', b.idx, b.cur, b.prev, b.policy))
+      end
     else
-      local ttl_ms = math.ceil(d / 1000000)
-      redis.call('SET', key,
-        string.format('%.0f:%.0f', b.s, b.ns) .. b.policy, 'PX', ttl_ms)
+    local d = b.debt
+    if d <= 0 then
+      call('DEL', key)
+    else
+      -- tat = now + d, as whole seconds and nanoseconds.
+      local r = fmod(d, NS)
+      local s = now_s + (d - r) / NS
+      local ns = now_ns + r
+      if ns >= NS then
+        ns = ns - NS
+        s = s + 1
+      end
+      -- `%d`: integer formatting, exact and much cheaper than a double's `%.0f` (or than
+      -- `..`, which formats a number with `%.14g`). PSETEX: SET with PX, less to parse.
+      call('PSETEX', key, format('%d', ceil(d / 1000000)), format('%d:%d%s', s, ns, b.policy))
+    end
     end
   end
 end
 
-local function next_token(debt, interval)
-  if debt <= 0 then
-    return 0
+-- Windows. `policy` is ":W_ns:quota:alg". Returns the window index now and the counts in
+-- force (cur, prev), 0 for a bucket unknown or whose policy changed.
+local function window_counts(key, policy, ws, sliding)
+  local index = idiv(now_s, ws)
+  local cached = seen[key]
+  if cached == nil then
+    cached = { window = true, idx = 0, cur = 0, prev = 0, policy = false }
+    local v = call('GET', key)
+    if v then
+      local c1 = find(v, ':', 1, true)
+      local c2 = c1 and find(v, ':', c1 + 1, true)
+      local c3 = c2 and find(v, ':', c2 + 1, true)
+      if c3 then
+        cached.idx = tonumber(sub(v, 1, c1 - 1)) or 0
+        cached.cur = tonumber(sub(v, c1 + 1, c2 - 1)) or 0
+        cached.prev = tonumber(sub(v, c2 + 1, c3 - 1)) or 0
+        cached.policy = sub(v, c3)
+      end
+    end
+    seen[key] = cached
   end
-  local partial = math.fmod(debt, interval)
-  if partial == 0 then
-    return interval
+  if cached.policy ~= policy or not cached.window then
+    return index, 0, 0
   end
-  return partial
+  local cur, prev = 0, 0
+  -- A stored window ahead of now (Redis's clock stepped back, as after a failover to a node
+  -- whose clock is behind) is the current one, counts kept: never a fresh quota.
+  if cached.idx >= index then
+    cur, prev = cached.cur, cached.prev
+  elseif cached.idx + 1 == index then
+    prev = cached.cur
+  end
+  if not sliding then
+    prev = 0
+  end
+  return index, cur, prev
 end
 
+local function store_window(key, index, cur, prev, policy, ws, sliding)
+  seen[key] = { window = true, idx = index, cur = cur, prev = prev, policy = policy,
+    ws = ws, sliding = sliding }
+  if not dirty[key] then
+    dirty[key] = true
+    dirty_order[#dirty_order + 1] = key
+  end
+end
+
+-- ceil(prev * left_ms / w_ms), exactly (prev * left_ms <= 2^53).
+local function weighted(prev, left_ms, w_ms)
+  local p = prev * left_ms
+  local q = idiv(p, w_ms)
+  if fmod(p, w_ms) > 0 then
+    q = q + 1
+  end
+  return q
+end
+
+-- The call's policies, by their position's spelling in ARGV ("1", "2", ...: a bucket's
+-- reference is looked up as the string it arrives as): { suffix, interval, burst, tau, alg },
+-- where suffix is ":interval_ns:burst" as the caller wrote them (the stored value's policy
+-- part; a window's adds ":alg").
+local policies_of = {}
+local npolicies = tonumber(argv[4])
+for i = 1, npolicies do
+  local a_interval, a_burst, alg = argv[2 + 3 * i], argv[3 + 3 * i], argv[4 + 3 * i]
+  local interval, burst = tonumber(a_interval), tonumber(a_burst)
+  local suffix = ':' .. a_interval .. ':' .. a_burst
+  if alg ~= '0' then
+    suffix = suffix .. ':' .. alg
+  end
+  policies_of[tostring(i)] = { suffix, interval, burst, interval * burst, alg }
+end
+
+-- A bucket's argument, "P" (policy P, cost 1) or "P*C" (cost C), as { policy, cost };
+-- memoized, as the same few spellings recur through a call.
+local buckets_of = setmetatable({}, { __index = function(memo, text)
+  local star = find(text, '*', 1, true)
+  local b
+  if star then
+    b = { policies_of[sub(text, 1, star - 1)], tonumber(sub(text, star + 1)) }
+  else
+    b = { policies_of[text], 1 }
+  end
+  memo[text] = b
+  return b
+end })
+local refunding = mode == 'refund'
+
 local out = { tonumber(t[1]), tonumber(t[2]) }
-local nkeys = tonumber(ARGV[3])
+local top = 2
+local nkeys = tonumber(argv[3])
 local keys = KEYS
 if nkeys > 0 then
   keys = {}
-  local base = #ARGV - nkeys
+  local base = #argv - nkeys
   for i = 1, nkeys do
-    keys[i] = ARGV[base + i]
+    keys[i] = argv[base + i]
   end
 end
-local arg = 4
+local arg = 5 + 3 * npolicies
 local key = 1
 for _ = 1, decisions do
-  local n = tonumber(ARGV[arg])
-  local deadline = tonumber(ARGV[arg + 1])
-  local refund_id = ARGV[arg + 1]
+  local n = small[argv[arg]]
+  local deadline = argv[arg + 1]
+  local refund_id = deadline
+  local charged_s = 0
+  if refunding then
+    charged_s = small[argv[arg + 2]]
+    arg = arg + 1
+  end
   arg = arg + 2
-  if mode == 'refund' then
+  if refunding then
     for i = 0, n - 1 do
-      local interval = tonumber(ARGV[arg + 3 * i])
-      local policy = ':' .. ARGV[arg + 3 * i] .. ':' .. ARGV[arg + 3 * i + 1]
-      local cost = tonumber(ARGV[arg + 3 * i + 2])
+      local b = buckets_of[argv[arg + i]]
+      local p, cost = b[1], b[2]
+      local policy, interval, alg = p[1], p[2], p[5]
       local k = keys[key + i]
-      local debt = stored_debt(k, policy)
       -- A refund is applied once: a retried one (its first try may have run after all) finds
       -- its marker, a key in the bucket's own slot, and does nothing.
       local first = true
       if refund_id ~= '0' then
-        first = redis.call('SET', k .. '#refund:' .. refund_id, '1', 'NX', 'PX', 600000)
+        first = call('SET', k .. '#refund:' .. refund_id, '1', 'NX', 'PX', 600000)
       end
-      if first and debt > 0 then
-        local back = cost * interval
-        if back > debt then
-          back = debt
+      if alg == '0' then
+        local debt = stored_debt(k, policy)
+        if first and debt > 0 then
+          local back = cost * interval
+          if back > debt then
+            back = debt
+          end
+          store(k, debt - back, policy)
         end
-        store(k, debt - back, policy)
+      elseif first then
+        -- Back to the window the charge was made in, if it still counts.
+        local ws = interval / NS
+        local sliding = alg == '1'
+        local wpolicy = policy
+        local index, cur, prev = window_counts(k, wpolicy, ws, sliding)
+        local charged = idiv(charged_s, ws)
+        if charged == index and cur > 0 then
+          cur = math.max(cur - cost, 0)
+          store_window(k, index, cur, prev, wpolicy, ws, sliding)
+        elseif sliding and charged + 1 == index and prev > 0 then
+          prev = math.max(prev - cost, 0)
+          store_window(k, index, cur, prev, wpolicy, ws, sliding)
+        end
       end
     end
-  elseif deadline > 0 and now_s * 1000000 + now_ns / 1000 > deadline then
-    out[#out + 1] = 2
-    for _ = 1, 5 * n do
-      out[#out + 1] = 0
-    end
+  elseif deadline ~= '0' and past(deadline) then
+    top = top + 1
+    out[top] = 2
   else
-    local head = #out + 1
-    out[head] = 1
+    -- Each bucket's state as read (before any charge of this request), and whether every
+    -- bucket admits.
+    local head = top + 1
+    top = head
     local all_allowed = true
-    local debts = {}
-    local intervals = {}
-    local taus = {}
-    local policies = {}
     for i = 0, n - 1 do
-      local interval = tonumber(ARGV[arg + 3 * i])
-      local burst = tonumber(ARGV[arg + 3 * i + 1])
-      local cost = tonumber(ARGV[arg + 3 * i + 2])
-      local policy = ':' .. ARGV[arg + 3 * i] .. ':' .. ARGV[arg + 3 * i + 1]
-      local tau = interval * burst
-      local debt = stored_debt(keys[key + i], policy)
-      if debt > tau then
-        debt = tau
-      end
-      debts[i], intervals[i], taus[i], policies[i] = debt, interval, tau, policy
-      local base = head + 1 + 5 * i
-      local room = tau - debt
-      local need = 0
-      if cost <= burst then
-        need = cost * interval
-      end
-      if cost <= burst and need <= room then
-        local new_debt = debt + need
-        out[base] = 1
-        out[base + 1] = idiv(tau - new_debt, interval)
-        out[base + 2] = new_debt
-        out[base + 3] = 0
-        out[base + 4] = next_token(new_debt, interval)
-      else
-        all_allowed = false
-        out[base] = 0
-        out[base + 1] = idiv(room, interval)
-        out[base + 2] = debt
-        -- A cost above the burst never fits: no retry time.
-        out[base + 3] = 0
-        if cost <= burst then
-          out[base + 3] = need - room
+      local b = buckets_of[argv[arg + i]]
+      local p, cost = b[1], b[2]
+      local policy, interval, burst, alg = p[1], p[2], p[3], p[5]
+      if alg == '0' then
+        local tau = p[4]
+        local debt = stored_debt(keys[key + i], policy)
+        if debt > tau then
+          debt = tau
         end
-        out[base + 4] = next_token(debt, interval)
+        top = top + 1
+        out[top] = debt
+        if cost > burst or debt + cost * interval > tau then
+          all_allowed = false
+        end
+      else
+        local ws = interval / NS
+        local _, cur, prev = window_counts(keys[key + i], policy, ws, alg == '1')
+        out[top + 1] = cur
+        out[top + 2] = prev
+        top = top + 2
+        if cost > burst then
+          all_allowed = false
+        else
+          local w_ms = ws * 1000
+          local left_ms = w_ms - (fmod(now_s, ws) * 1000 + idiv(now_ns, 1000000))
+          if cur + weighted(prev, left_ms, w_ms) + cost > burst then
+            all_allowed = false
+          end
+        end
       end
     end
     if not all_allowed then
       out[head] = 0
-      -- Nothing is charged: the buckets that admitted report what they really hold.
-      for i = 0, n - 1 do
-        local base = head + 1 + 5 * i
-        if out[base] == 1 then
-          out[base + 1] = idiv(taus[i] - debts[i], intervals[i])
-          out[base + 2] = debts[i]
-          out[base + 4] = next_token(debts[i], intervals[i])
-        end
-      end
-    elseif mode == 'decide' then
-      for i = 0, n - 1 do
-        if tonumber(ARGV[arg + 3 * i + 2]) > 0 then
-          store(keys[key + i], out[head + 1 + 5 * i + 2], policies[i])
+    else
+      out[head] = 1
+      if mode == 'decide' then
+        local at = head
+        for i = 0, n - 1 do
+          local b = buckets_of[argv[arg + i]]
+          local p, cost = b[1], b[2]
+          if p[5] == '0' then
+            at = at + 1
+            if cost > 0 then
+              store(keys[key + i], out[at] + cost * p[2], p[1])
+            end
+          else
+            if cost > 0 then
+              local ws = p[2] / NS
+              store_window(keys[key + i], idiv(now_s, ws), out[at + 1] + cost, out[at + 2], p[1],
+                ws, p[5] == '1')
+            end
+            at = at + 2
+          end
         end
       end
     end
   end
-  arg = arg + 3 * n
+  arg = arg + n
   key = key + n
 end
 flush()

@@ -286,9 +286,7 @@ fn append_source(
 /// IPv4 as written; IPv6 grouped by its first `ipv6_prefix` bits, as `net/len`.
 pub fn append_ip(ip: IpAddr, ipv6_prefix: u8, out: &mut String) {
     match ip {
-        IpAddr::V4(v4) => {
-            let _ = write!(out, "{v4}");
-        }
+        IpAddr::V4(v4) => push_ipv4(v4, out),
         IpAddr::V6(v6) if ipv6_prefix >= 128 => {
             let _ = write!(out, "{v6}");
         }
@@ -300,6 +298,33 @@ pub fn append_ip(ip: IpAddr, ipv6_prefix: u8, out: &mut String) {
                 u128::MAX << (128 - u32::from(ipv6_prefix))
             };
             let _ = write!(out, "{}/{}", Ipv6Addr::from(bits & mask), ipv6_prefix);
+        }
+    }
+}
+
+/// Appends an IPv4 address in dotted decimal, as `Display` writes it (without the formatting
+/// machinery: every request keyed by `ip` and every proxied request's X-Forwarded-For does this).
+pub fn push_ipv4(ip: std::net::Ipv4Addr, out: &mut String) {
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+}
+
+/// Appends an address as `Display` writes it (IPv4 without the formatting machinery).
+pub fn push_ip(ip: IpAddr, out: &mut String) {
+    match ip {
+        IpAddr::V4(v4) => push_ipv4(v4, out),
+        IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
         }
     }
 }
@@ -447,16 +472,53 @@ pub fn derive_from_sources(
     anonymous: bool,
     out: &mut String,
 ) -> bool {
+    let lookup = |source: &KeySource| given.get(&source.spec()).map(String::as_str);
+    let append = |source: &KeySource, raw: &str, out: &mut String| {
+        append_given_source(source, raw, ipv6_prefix, out);
+        Ok(())
+    };
+    derive_given(spec, lookup, anonymous, out, append).unwrap_or(false)
+}
+
+/// The key value of `spec` from values named per source (the rate-limit service: descriptor
+/// entries mapped by `as:`), written exactly as a request's would be (header values trimmed;
+/// method, host and path normalised; an `ip` value must be an address), so a descriptor and a
+/// request with the same value count against one bucket. `Ok(false)`: a part is missing.
+pub fn derive_from_named(
+    spec: &KeySpec,
+    given: &[(&KeySource, &str)],
+    ipv6_prefix: u8,
+    anonymous: bool,
+    out: &mut String,
+) -> Result<bool, String> {
+    let lookup = |source: &KeySource| given.iter().find(|(s, _)| *s == source).map(|(_, v)| *v);
+    let append = |source: &KeySource, raw: &str, out: &mut String| {
+        append_named_source(source, raw, ipv6_prefix, out)
+    };
+    derive_given(spec, lookup, anonymous, out, append)
+}
+
+/// Each part's first alternative with a value (`lookup`; a literal always has one; header
+/// values trimmed as a request's are), tagged when the part has alternatives, written by
+/// `append`. `Ok(false)`: a part has no value and `anonymous` is false.
+fn derive_given<'v>(
+    spec: &KeySpec,
+    lookup: impl Fn(&KeySource) -> Option<&'v str>,
+    anonymous: bool,
+    out: &mut String,
+    append: impl Fn(&KeySource, &str, &mut String) -> Result<(), String>,
+) -> Result<bool, String> {
     for (i, part) in spec.parts.iter().enumerate() {
         if i > 0 {
             out.push(PART_SEPARATOR);
         }
-        let found = part.alternatives.iter().find_map(|source| match source {
-            KeySource::Literal(text) => Some((source, text.as_str())),
-            other => given
-                .get(&other.spec())
-                .filter(|v| !v.is_empty())
-                .map(|v| (source, v.as_str())),
+        let found = part.alternatives.iter().find_map(|source| {
+            let raw = match source {
+                KeySource::Literal(text) => text.as_str(),
+                KeySource::Header(_) => lookup(source)?.trim_matches([' ', '\t']),
+                other => lookup(other)?,
+            };
+            (!raw.is_empty()).then_some((source, raw))
         });
         match found {
             Some((source, raw)) => {
@@ -464,13 +526,13 @@ pub fn derive_from_sources(
                     out.push_str(&source.spec());
                     out.push(TAG_SEPARATOR);
                 }
-                append_given_source(source, raw, ipv6_prefix, out);
+                append(source, raw, out)?;
             }
             None if anonymous => out.push_str(ANONYMOUS_MARK),
-            None => return false,
+            None => return Ok(false),
         }
     }
-    true
+    Ok(true)
 }
 
 /// The one percent-decoded value of query parameter `name` (names are compared decoded:
@@ -534,29 +596,62 @@ pub fn client_ip<'a>(
     forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
     trusted: &[IpNet],
 ) -> IpAddr {
+    client_ip_and_trust(peer, || forwarded_for, trusted).ip
+}
+
+/// The client's address, and whether the direct peer is a trusted proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientIp {
+    /// As [`client_ip`] finds it.
+    pub ip: IpAddr,
+    /// The direct peer (canonical) is in the trusted list: its X-Forwarded-For was read, and a
+    /// limit's `cost_header` is believed.
+    pub peer_trusted: bool,
+}
+
+/// As [`client_ip`], also telling whether the direct peer is trusted (found on the way: the
+/// trusted list is searched once for the peer). The X-Forwarded-For values are looked up
+/// (`forwarded_for` called) only when the peer is trusted.
+pub fn client_ip_and_trust<'a, I>(
+    peer: IpAddr,
+    forwarded_for: impl FnOnce() -> I,
+    trusted: &[IpNet],
+) -> ClientIp
+where
+    I: DoubleEndedIterator<Item = &'a [u8]>,
+{
     let peer = canonical(peer);
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
-        return peer;
-    }
-    let mut client = peer;
-    for header in forwarded_for.rev() {
-        let Ok(text) = std::str::from_utf8(header) else {
-            return client;
+        return ClientIp {
+            ip: peer,
+            peer_trusted: false,
         };
-        for hop in text.rsplit(',') {
-            match parse_hop(hop.trim()) {
+    }
+    let found = |ip| ClientIp {
+        ip,
+        peer_trusted: true,
+    };
+    let mut client = peer;
+    for header in forwarded_for().rev() {
+        // Hop by hop from the right, each decoded on its own: a hop that is not UTF-8 is one
+        // unparsable hop (the walk stops there), not a reason to discard the good ones.
+        for hop in header.rsplit(|b| *b == b',') {
+            match std::str::from_utf8(hop)
+                .ok()
+                .and_then(|h| parse_hop(h.trim()))
+            {
                 Some(ip) => {
                     client = canonical(ip);
                     if !is_trusted(&client) {
-                        return client;
+                        return found(client);
                     }
                 }
-                None => return client,
+                None => return found(client),
             }
         }
     }
-    client
+    found(client)
 }
 
 fn parse_hop(hop: &str) -> Option<IpAddr> {
@@ -585,6 +680,58 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    /// A hop that is not UTF-8 is unparsable like any other: the walk stops at the last good
+    /// address to its right (the hop the trusted proxy appended), never at the proxy itself.
+    #[test]
+    fn a_non_utf8_hop_stops_the_walk_at_the_last_good_address() {
+        let trusted = nets(&["127.0.0.1/32"]);
+        let peer = ip("127.0.0.1");
+        let one = |value: &'static [u8]| client_ip(peer, [value].into_iter(), &trusted);
+        assert_eq!(one(b"\xff, 203.0.113.9"), ip("203.0.113.9"));
+        assert_eq!(one(b"\xff"), peer, "nothing good to its right: the peer");
+        assert_eq!(
+            one(b"198.51.100.7, \xe9t\xe9, 203.0.113.9"),
+            ip("203.0.113.9")
+        );
+        // Several headers: a bad byte in an earlier (leftmost) one does not hide later ones.
+        let two: [&[u8]; 2] = [b"\xff\xfe", b"203.0.113.9"];
+        assert_eq!(
+            client_ip(peer, two.into_iter(), &trusted),
+            ip("203.0.113.9")
+        );
+        // A trusted hop to the right of the bad one: the walk goes on to it and stops at the bad.
+        let chain: [&[u8]; 1] = [b"198.51.100.7, \xff, 127.0.0.1"];
+        assert_eq!(
+            client_ip(peer, chain.into_iter(), &trusted),
+            ip("127.0.0.1")
+        );
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for text in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.0.255",
+            "127.0.0.1",
+            "192.168.100.9",
+            "255.255.255.255",
+            "::1",
+            "2001:db8::7",
+        ] {
+            let ip = ip(text);
+            let mut out = String::new();
+            push_ip(ip, &mut out);
+            assert_eq!(out, ip.to_string());
+        }
+        for n in (0..=u32::MAX).step_by(9_973_331) {
+            let v4 = std::net::Ipv4Addr::from(n);
+            let mut out = String::new();
+            push_ipv4(v4, &mut out);
+            assert_eq!(out, v4.to_string());
+        }
     }
 
     #[test]

@@ -118,6 +118,12 @@ pub struct Metrics {
     /// Requests refused with 400 before a route was chosen (route label "").
     pub bad_request: IntCounter,
     pub proxy_tasks: IntGauge,
+    /// Rate-limit service calls by domain (configured names; "" for any other) and decision.
+    pub rls_requests: IntCounterVec,
+    /// Runtime override changes made through this instance's admin API, by action.
+    pub override_changes: IntCounterVec,
+    /// Runtime overrides held (as this instance last loaded them).
+    pub overrides_held: IntGauge,
 }
 
 fn fail(e: prometheus::Error) -> String {
@@ -222,8 +228,34 @@ impl Metrics {
             "Denials answered from memory without a Redis call (the bucket cannot admit yet)",
         )
         .map_err(fail)?;
+        let rls_requests = IntCounterVec::new(
+            Opts::new(
+                "tollgate_rls_requests_total",
+                "Rate-limit service (ShouldRateLimit) calls by domain and decision; domain is \
+                 \"\" for domains not in the config",
+            ),
+            &["domain", "decision"],
+        )
+        .map_err(fail)?;
+        let override_changes = IntCounterVec::new(
+            Opts::new(
+                "tollgate_override_changes_total",
+                "Runtime override changes made through this instance's admin API, by action \
+                 (set, unlimited, block, delete)",
+            ),
+            &["action"],
+        )
+        .map_err(fail)?;
+        let overrides_held = IntGauge::new(
+            "tollgate_overrides",
+            "Runtime overrides held, as this instance last loaded them",
+        )
+        .map_err(fail)?;
         for c in [
-            Box::new(runtime_tasks.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(rls_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(override_changes.clone()),
+            Box::new(overrides_held.clone()),
+            Box::new(runtime_tasks.clone()),
             Box::new(deny_cache_hits.clone()),
             Box::new(requests.clone()),
             Box::new(decision_duration.clone()),
@@ -241,6 +273,9 @@ impl Metrics {
         }
         for kind in STORE_ERROR_KINDS {
             store_errors.with_label_values(&[kind]);
+        }
+        for action in ["set", "unlimited", "block", "delete"] {
+            override_changes.with_label_values(&[action]);
         }
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
@@ -267,6 +302,9 @@ impl Metrics {
             no_route,
             bad_request,
             proxy_tasks,
+            rls_requests,
+            override_changes,
+            overrides_held,
         })
     }
 

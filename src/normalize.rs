@@ -236,27 +236,40 @@ pub fn host(raw: &str) -> Result<String, HostError> {
         }
         return Ok(inside.to_ascii_lowercase());
     }
-    let name = match raw.split_once(':') {
-        Some((name, port)) if port_ok(port) => name,
+    let bytes = raw.as_bytes();
+    let name = match bytes.iter().position(|&b| b == b':') {
+        Some(colon) if port_ok(&raw[colon + 1..]) => &bytes[..colon],
         Some(_) => return Err(HostError("the Host's port is not a number")),
-        None => raw,
+        None => bytes,
     };
-    let name = name.strip_suffix('.').unwrap_or(name);
+    let name = name.strip_suffix(b".").unwrap_or(name);
     if name.is_empty() {
         return Err(HostError("the Host is empty"));
     }
-    let valid_label = |label: &str| {
-        !label.is_empty()
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    if !name.split('.').all(valid_label) {
+    // Every label non-empty, of letters, digits, '-' and '_' (one pass over the bytes).
+    let mut label_len = 0usize;
+    for &b in name {
+        let ok = if b == b'.' {
+            let had = label_len > 0;
+            label_len = 0;
+            had
+        } else {
+            label_len += 1;
+            b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+        };
+        if !ok {
+            return Err(HostError(
+                "the Host holds an empty label or a character other than letters, digits, '-', '_' and '.'",
+            ));
+        }
+    }
+    if label_len == 0 {
         return Err(HostError(
             "the Host holds an empty label or a character other than letters, digits, '-', '_' and '.'",
         ));
     }
-    Ok(name.to_ascii_lowercase())
+    // `name` is a prefix of `raw`, all ASCII by the check above.
+    Ok(raw[..name.len()].to_ascii_lowercase())
 }
 
 /// The upper-case spelling of a method when it is written otherwise (`post` -> `POST`).

@@ -1,6 +1,7 @@
 //! Log output that never carries credentials: Pingora logs the raw bytes of a request it cannot
 //! parse (`InvalidHTTPHeader context: buf: "... Authorization: Bearer ..."`), so every log line
-//! passes through [`redact_credentials`] on its way to stderr.
+//! passes through [`redact_credentials`] on its way to stderr; a Redis URL is logged through
+//! [`url_without_password`].
 
 use std::borrow::Cow;
 use std::io::Write;
@@ -141,5 +142,47 @@ mod tests {
             &*redact_credentials(raw),
             b"authorization: [redacted]\nnext"
         );
+    }
+}
+
+/// A URL as it may be logged: the password of `scheme://user:password@host...` replaced by
+/// `***` (the user name kept); a URL without one unchanged.
+pub fn url_without_password(url: &str) -> Cow<'_, str> {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return Cow::Borrowed(url);
+    };
+    let authority_end = url[scheme_end..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let Some(at) = url[scheme_end..authority_end]
+        .rfind('@')
+        .map(|i| scheme_end + i)
+    else {
+        return Cow::Borrowed(url);
+    };
+    let userinfo = &url[scheme_end..at];
+    let user = userinfo.split_once(':').map_or("", |(user, _)| user);
+    Cow::Owned(format!("{}{user}:***{}", &url[..scheme_end], &url[at..]))
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::url_without_password;
+
+    #[test]
+    fn passwords_in_urls_are_hidden() {
+        for (url, shown) in [
+            (
+                "redis://bob:s3cret@10.0.0.1:6379/2",
+                "redis://bob:***@10.0.0.1:6379/2",
+            ),
+            ("rediss://:p%40ss@h:1", "rediss://:***@h:1"),
+            ("redis://token@h:1", "redis://:***@h:1"),
+            ("redis://h:1/0?x=a@b", "redis://h:1/0?x=a@b"),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(url_without_password(url), shown, "{url}");
+        }
     }
 }

@@ -190,6 +190,27 @@ impl Reloader {
                  change only on restart; the running ones are kept"
             );
         }
+        if running.admin.listen != config.admin.listen {
+            tracing::warn!(
+                old = %running.admin.listen, new = %config.admin.listen,
+                "admin.listen changed: the admin listener moves only on restart"
+            );
+        }
+        let rls_listen = |c: &config::Config| c.rls.as_ref().map(|r| r.listen);
+        match (rls_listen(&running), rls_listen(&config)) {
+            (Some(_), None) => tracing::warn!(
+                "rls was removed: the rate-limit service's port stays open until restart, \
+                 answers UNAVAILABLE to every call and reports NOT_SERVING"
+            ),
+            (None, Some(_)) => {
+                tracing::warn!("rls was added: the rate-limit service starts only on restart")
+            }
+            (Some(a), Some(b)) if a != b => tracing::warn!(
+                old = %a, new = %b,
+                "rls.listen changed: the listener moves only on restart; the domains are reloaded"
+            ),
+            _ => {}
+        }
         // Certificate files re-read by this config's validation are swapped in.
         for resolver in self.shared.tls.all() {
             if let Some(tls) = config

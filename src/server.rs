@@ -1,6 +1,7 @@
 //! Server assembly and lifecycle: builds the store, metrics and shared state, wires the Pingora
 //! services (proxy, admin, optional demo upstream, the supervisor that runs the reloader), and runs them until
-//! SIGTERM/SIGINT, then drains in-flight requests (bounded by `server.drain_timeout_ms`).
+//! SIGTERM/SIGINT, then drains in-flight requests and the rate-limit service's connections
+//! (bounded by `server.drain_timeout_ms`).
 
 use crate::admin::AdminApp;
 use crate::config::Config;
@@ -33,6 +34,8 @@ pub enum ServerError {
     Metrics(String),
     #[error("cannot set up TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Rls(#[from] crate::rls::service::RlsStartError),
 }
 
 /// What to run.
@@ -49,6 +52,31 @@ pub fn build_shared(config: Config) -> Result<Arc<Shared>, ServerError> {
     let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
     let store = StoreSlot::build(&config.store)?;
     Ok(Shared::new(config, store, metrics))
+}
+
+/// What Pingora's panic says when a service's listener cannot be opened: it retries a port in
+/// use for 30 s, then panics on that service's own thread, and the process would go on without
+/// the listener (the proxy without its admin port, or the reverse), never ready.
+const LISTENER_PANIC: &str = "Failed to build listeners";
+
+/// Ends the process (exit code 1) when a listener cannot be opened, as NGINX and Envoy do, so a
+/// supervisor sees the failure instead of a process that can never serve. Any other panic keeps
+/// the default behaviour.
+fn exit_when_a_listener_cannot_open() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        previous(info);
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with(LISTENER_PANIC) {
+            tracing::error!(%message, "a listener could not be opened; stopping");
+            std::process::exit(1);
+        }
+    }));
 }
 
 /// Runs the gateway until SIGTERM/SIGINT. Returns after the drain.
@@ -75,6 +103,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
+    exit_when_a_listener_cannot_open();
 
     // Listeners whose `min_version` is 1.3: the resolver refuses ClientHellos without a 1.3
     // suite, and the proxy refuses any request that arrives over a 1.2 session anyway.
@@ -119,6 +148,7 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
         }
     }
     shared.tls.set(resolvers);
+    let listen_ports: Vec<u16> = listen.iter().map(|l| l.address.port()).collect();
     let listen: Vec<String> = listen
         .iter()
         .map(|l| match l.tls {
@@ -130,6 +160,8 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
         inner: proxy,
         shared: shared.clone(),
         threads,
+        ports: listen_ports,
+        admin_port: admin_listen.port(),
     };
     let mut admin = Service::new("tollgate admin".to_string(), AdminApp::new(shared.clone()));
     admin.add_tcp(&admin_listen.to_string());
@@ -148,7 +180,29 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
         },
     ));
 
-    spawn_drain_watcher(&server, shared.clone(), settings.drain_timeout);
+    let rls_listen = shared.config().rls.as_ref().map(|r| r.listen);
+    let mut rls_thread = None;
+    if let Some(address) = rls_listen {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        rls_thread = Some(crate::rls::service::start(
+            shared.clone(),
+            address,
+            threads,
+            stopped,
+        )?);
+        let mut phases = server.watch_execution_phase();
+        std::thread::spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::GracefulTerminate | ExecutionPhase::ShutdownStarted) => {
+                    let _ = stop.send(true);
+                    return;
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        });
+    }
+    spawn_drain_watcher(&server, shared.clone(), settings.drain_timeout, rls_thread);
     tracing::info!(?listen, admin = %admin_listen, "tollgate starting");
     server.run(RunArgs {
         shutdown_signal: Box::new(TermSignals),
@@ -159,12 +213,17 @@ pub fn run(opts: RunOptions) -> Result<(), ServerError> {
 
 /// The proxy service, started only once the store is ready to decide: it finds the proxy's
 /// worker threads, opens the store's connection on each (bounded by
-/// `store.redis.startup_wait_ms`), and only then opens the listeners. Until then `/ready`
-/// answers 503 "starting"; past the wait the proxy starts degraded and says so.
+/// `store.redis.startup_wait_ms`), loads the runtime overrides held in Redis (within what is
+/// left of that wait), and only then opens the listeners. Until then `/ready` answers 503
+/// "starting"; past the wait the proxy starts degraded and says so.
 struct WarmStart<S> {
     inner: S,
     shared: Arc<Shared>,
     threads: usize,
+    /// The TCP ports of the proxy's listeners.
+    ports: Vec<u16>,
+    /// The admin listener's port: the proxy's listeners open only once it is bound.
+    admin_port: u16,
 }
 
 #[async_trait]
@@ -192,10 +251,66 @@ impl<S: pingora::services::Service> pingora::services::Service for WarmStart<S> 
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
+        let started = tokio::time::Instant::now();
         tokio::select! {
             _ = slot.connect(self.shared.threads.get()) => {}
             _ = replaced => tracing::info!("the store was replaced by a reload during start-up"),
         }
+        // Runtime overrides held in Redis apply from the first request, when Redis answers
+        // within what is left of the start-up wait; else the poll loads them later.
+        let slot = self.shared.store();
+        if slot.redis.is_some() {
+            let left = slot
+                .config
+                .redis
+                .startup_wait
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(100));
+            match tokio::time::timeout(left, self.shared.overrides.sync(&slot)).await {
+                Ok(Ok(_)) => tracing::info!(
+                    held = self.shared.overrides.snapshot().len(),
+                    "runtime overrides loaded from Redis"
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %e, "runtime overrides not loaded at start-up; the poll retries (YAML policies apply until then)"),
+                Err(_) => tracing::warn!("runtime overrides not loaded within the start-up wait; the poll retries (YAML policies apply until then)"),
+            }
+        }
+        // Nothing is served before the admin listener is up: were its port taken, the process
+        // would exit after Pingora's retries (`exit_when_a_listener_cannot_open`), cutting
+        // whatever the proxy had taken meanwhile. NGINX likewise binds everything first.
+        if self.admin_port != 0 {
+            let started = tokio::time::Instant::now();
+            let mut said = false;
+            while !crate::state::listening_on(&[self.admin_port]) {
+                if !said && started.elapsed() > Duration::from_secs(2) {
+                    tracing::warn!(
+                        port = self.admin_port,
+                        "waiting for the admin listener before opening the proxy's"
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        // `/ready` says "ready" only once the listeners accept: Pingora binds them inside
+        // `start_service`, which runs until shutdown, so watch for them from the side.
+        let shared = self.shared.clone();
+        let ports = self.ports.clone();
+        shared.set_listen_ports(ports.clone());
+        // No give-up: a listener that never opens (its port taken; Pingora retries the bind
+        // every second) keeps `/ready` at 503, so a load balancer sends it nothing.
+        pingora_runtime::current_handle().spawn(async move {
+            let started = tokio::time::Instant::now();
+            while !crate::state::listening_on(&ports) {
+                let pause = if started.elapsed() < Duration::from_secs(1) {
+                    5
+                } else {
+                    100
+                };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            shared.set_listening();
+        });
         self.inner
             .start_service(fds, shutdown, listeners_per_fd)
             .await
@@ -257,20 +372,30 @@ impl ShutdownSignalWatch for TermSignals {
     }
 }
 
-/// Once Pingora has stopped accepting, exit as soon as no request is in flight (or when the
-/// drain timeout passes, whichever is first), instead of sleeping the whole grace period.
-fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) {
+/// Once Pingora has stopped accepting, exit as soon as no request is in flight and the
+/// rate-limit service (`rls`, its thread) has closed its connections (or when the drain timeout
+/// passes, whichever is first), instead of sleeping the whole grace period. The service's own
+/// graceful stop is what finishes a call whose stream was opened but not yet handled: its
+/// connections close only once every call they took is answered, so exiting on the in-flight
+/// count alone would reset those calls.
+fn spawn_drain_watcher(
+    server: &Server,
+    shared: Arc<Shared>,
+    timeout: Duration,
+    rls: Option<std::thread::JoinHandle<()>>,
+) {
     let mut phases = server.watch_execution_phase();
     std::thread::spawn(move || loop {
         match phases.blocking_recv() {
             Ok(ExecutionPhase::GracefulTerminate) => {
                 let start = Instant::now();
+                let rls_done = || rls.as_ref().is_none_or(|t| t.is_finished());
                 // Idle twice in a row, 50 ms apart: a request whose header was still being read
                 // at the first look is counted by the second.
                 let mut idle_looks = 0;
                 while idle_looks < 2 && start.elapsed() < timeout {
                     std::thread::sleep(Duration::from_millis(50));
-                    idle_looks = if shared.in_flight() == 0 {
+                    idle_looks = if shared.in_flight() == 0 && rls_done() {
                         idle_looks + 1
                     } else {
                         0
@@ -279,6 +404,10 @@ fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) 
                 let left = shared.in_flight();
                 if left > 0 {
                     tracing::warn!(left, "drain timeout passed with requests in flight");
+                } else if !rls_done() {
+                    tracing::warn!(
+                        "drain timeout passed with rate-limit service connections still open"
+                    );
                 } else {
                     tracing::info!(elapsed_ms = start.elapsed().as_millis() as u64, "drained");
                 }
@@ -292,7 +421,8 @@ fn spawn_drain_watcher(server: &Server, shared: Arc<Shared>, timeout: Duration) 
 }
 
 /// Connects the store (its connection tasks live on this service's runtime), starts the
-/// reloader ([`crate::reload`]) on the same runtime (a new store is connected there too), and
+/// reloader ([`crate::reload`]) on the same runtime (a new store is connected there too), the
+/// certificate poll and the runtime-override poll ([`crate::override_store::poll`]), and
 /// samples the runtime's task count.
 struct Supervisor {
     shared: Arc<Shared>,
@@ -312,6 +442,10 @@ impl BackgroundService for Supervisor {
             tokio::spawn(reloader.serve(shutdown.clone()));
         }
         tokio::spawn(crate::tls::poll(self.shared.clone(), shutdown.clone()));
+        tokio::spawn(crate::override_store::poll(
+            self.shared.clone(),
+            shutdown.clone(),
+        ));
         let mut sample = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {

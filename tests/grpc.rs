@@ -298,7 +298,7 @@ async fn limiter_outage_with_fallback_deny_is_unavailable() {
         r#"listen: ["{{PROXY}}"]
 admin: {{ listen: "{{ADMIN}}" }}
 server: {{ h2c: true }}
-store: {{ kind: redis, redis: {{ urls: ["{}"], timeout_ms: 50 }} }}
+store: {{ kind: redis, redis: {{ urls: ["{}"] }} }}
 breaker: {{ failure_threshold: 3, open_ms: 300, fallback: deny, fallback_instances: 1 }}
 upstreams: {{ grpc: {{ targets: ["{{UPSTREAM}}"], http2: true }} }}
 routes:

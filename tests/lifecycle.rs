@@ -90,6 +90,45 @@ routes: [ { name: r, upstream: app } ]
     assert_eq!(code, Some(0));
 }
 
+/// `tollgate demo` refuses an `--upstream` on the proxy's or the admin's port (spelled the
+/// same or through a wildcard): the proxy would share the upstream's socket and forward to
+/// itself.
+#[test]
+fn demo_refuses_an_upstream_on_a_listeners_port() {
+    let proxy = format!("127.0.0.1:{}", free_port());
+    let admin = format!("127.0.0.1:{}", free_port());
+    let wildcard_admin = admin.replace("127.0.0.1", "0.0.0.0");
+    for (listen, admin, upstream) in [
+        (&proxy, &admin, &proxy),
+        (&proxy, &admin, &admin),
+        (&proxy, &wildcard_admin, &admin),
+    ] {
+        let out = Command::new(common::bin())
+            .args([
+                "demo",
+                "--listen",
+                listen,
+                "--admin",
+                admin,
+                "--upstream",
+                upstream,
+            ])
+            .stdout(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{listen} {admin} {upstream}: {stderr}"
+        );
+        assert!(
+            stderr.contains("takes the port of the listener"),
+            "{stderr}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_the_embedded_default_and_prints_curl_commands() {
     let proxy = format!("127.0.0.1:{}", free_port());
@@ -144,4 +183,146 @@ async fn demo_runs_the_embedded_default_and_prints_curl_commands() {
         .unwrap();
     let code = tokio::task::block_in_place(|| wait_exit(&mut child, Duration::from_secs(5)));
     assert_eq!(code, Some(0));
+}
+
+/// `/ready` answers 200 only once the proxy's listener accepts: a load balancer that sends
+/// traffic the moment the gateway says ready must never be refused. (The memory store is
+/// ready at once, so `/ready` used to say so before Pingora had bound the proxy's port.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_is_said_only_once_the_proxy_accepts() {
+    let up = Upstream::start();
+    for attempt in 0..10 {
+        let gw = Gateway::spawn_now(
+            r#"
+listen: ["{PROXY}"]
+admin: { listen: "{ADMIN}" }
+upstreams: { app: { targets: ["{UPSTREAM}"] } }
+routes: [ { name: r, upstream: app } ]
+"#,
+            up.addr,
+        );
+        let ready = gw.admin_url("/ready");
+        let c = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = c.get(&ready).send().await {
+                if r.status() == 200 {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "never ready:\n{}", gw.log());
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(
+            tokio::net::TcpStream::connect(gw.proxy).await.is_ok(),
+            "attempt {attempt}: /ready said 200 while the proxy port refused connections"
+        );
+    }
+}
+
+/// A proxy port another process holds: Pingora retries the bind every second and `/ready`
+/// stays 503 "starting" all the while (no give-up into "ready"); once the port is free the
+/// listener opens and `/ready` says 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_waits_for_a_taken_proxy_port() {
+    let up = Upstream::start();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let gw = Gateway::spawn_now(
+        &format!(
+            r#"
+listen: ["127.0.0.1:{port}"]
+admin: {{ listen: "{{ADMIN}}" }}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes: [ {{ name: r, upstream: app }} ]
+"#
+        ),
+        up.addr,
+    );
+    let ready = gw.admin_url("/ready");
+    let c = reqwest::Client::new();
+    let status = || async {
+        c.get(&ready)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    // The admin listener answers; the proxy's port is someone else's for 2.5 s.
+    let mut answered = 0;
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        match status().await {
+            0 => {}
+            code => {
+                assert_eq!(
+                    code,
+                    503,
+                    "ready while the proxy port is another's:\n{}",
+                    gw.log()
+                );
+                answered += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        answered > 10,
+        "the admin listener answered {answered} times"
+    );
+    drop(holder);
+    wait_until(
+        "ready once the port is free",
+        Duration::from_secs(10),
+        || async { status().await == 200 },
+    )
+    .await;
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+}
+
+/// An admin port another process never gives up: the proxy never opens (nothing is taken that
+/// the exit would cut), and after Pingora's 30 s of retries the gateway exits with code 1 and
+/// says why, instead of running on without its admin listener (never ready, no `/metrics`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_that_never_opens_ends_the_process() {
+    let up = Upstream::start();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = holder.local_addr().unwrap().port();
+    let mut gw = Gateway::spawn_now(
+        &format!(
+            r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "127.0.0.1:{port}" }}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes: [ {{ name: r, upstream: app }} ]
+"#
+        ),
+        up.addr,
+    );
+    let until = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = gw.child.try_wait().expect("wait") {
+            break status;
+        }
+        // Nothing is served meanwhile: the proxy's listener waits for the admin's.
+        assert!(
+            std::net::TcpStream::connect(gw.proxy).is_err(),
+            "the proxy accepts while the admin port is another's:\n{}",
+            gw.log()
+        );
+        assert!(
+            Instant::now() < until,
+            "still running after 60 s with its admin port taken:\n{}",
+            gw.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let log = gw.log();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("a listener could not be opened; stopping")
+            && log.contains(&format!("127.0.0.1:{port}")),
+        "{log}"
+    );
+    drop(holder);
 }

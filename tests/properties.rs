@@ -935,7 +935,13 @@ fn route_and_buckets(
         peer_trusted: false,
         path_params: captures.as_ref(),
     };
-    let planned = plan::plan(&route.name, &route.limits, &view, 64);
+    let planned = plan::plan(
+        &route.name,
+        &route.limits,
+        &view,
+        64,
+        &tollgate::limiter::overrides::OverrideTable::EMPTY,
+    );
     prop_assert!(planned.ambiguous.is_none());
     let keys = planned.requests.into_iter().map(|r| r.key).collect();
     Ok((route.name.to_string(), keys))
@@ -1262,8 +1268,9 @@ proptest! {
             prop_assert_eq!(derived, Derived::Present);
             let (_, header_only) =
                 derive_with(&only_header, &headers, None, ip, ipv6_prefix, true);
-            if text.is_empty() {
-                // An empty header is no header: the IP (or anonymous) bucket, as documented.
+            if text.trim_matches([' ', '\t']).is_empty() {
+                // An empty header (or one of only spaces and tabs, trimmed as HTTP parsers
+                // trim) is no header: the IP (or anonymous) bucket, as documented.
                 let (_, own_ip) = derive_with(&either, &no_headers, None, ip, ipv6_prefix, true);
                 prop_assert_eq!(with_header, own_ip);
                 prop_assert_eq!(header_only.as_str(), keys::ANONYMOUS_MARK);
@@ -1545,6 +1552,7 @@ fn limit_status() -> impl Strategy<Value = LimitStatus> {
             )| {
                 LimitStatus {
                     name,
+                    algorithm: tollgate::limiter::Algorithm::TokenBucket,
                     policy: Policy {
                         rate: Rate {
                             count,
@@ -1593,6 +1601,7 @@ fn decision() -> impl Strategy<Value = Decision> {
                             capacity,
                         })
                         .collect(),
+                    blocked: vec![],
                 }
             },
         )

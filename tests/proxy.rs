@@ -260,6 +260,32 @@ routes:
         .await
         .unwrap();
     assert_eq!(body["xff"], "3.3.3.3, 127.0.0.1");
+
+    // A hop that is not UTF-8 is one unparsable hop: the client is the good hop to its right,
+    // not the trusted proxy; the upstream gets the chain as received, the peer appended.
+    let raw = |xff: &'static [u8]| {
+        trusted
+            .get(gw.url("/"))
+            .header(
+                "x-forwarded-for",
+                reqwest::header::HeaderValue::from_bytes(xff).unwrap(),
+            )
+            .send()
+    };
+    let first = raw(b"\xff, 4.4.4.4").await.unwrap();
+    assert_eq!(first.status(), 200);
+    let body: serde_json::Value = first.json().await.unwrap();
+    assert_eq!(body["xff"], "\u{fffd}, 4.4.4.4, 127.0.0.1");
+    assert_eq!(
+        raw(b"\xff, 4.4.4.4").await.unwrap().status(),
+        429,
+        "keyed on 4.4.4.4"
+    );
+    assert_eq!(
+        trusted.get(gw.url("/")).send().await.unwrap().status(),
+        200,
+        "the proxy's own bucket was not charged"
+    );
 }
 
 #[tokio::test]

@@ -446,3 +446,290 @@ async fn client_values_are_never_spliced_raw_into_redis_keys() {
     }
     assert_eq!(keys.iter().filter(|k| k.contains('#')).count(), 3);
 }
+
+/// `/v1/check` calls that arrive together are decided in shared script calls (through the
+/// proxy threads' lanes), not one `EVALSHA` each, and exactly: every check Redis decided took
+/// its token, as the bucket read back from Redis shows. Default `timeout_ms` (20); a batch
+/// window of 2 ms, so that how many share a call does not hang on how fast Redis answers
+/// (without lanes each check is one call whatever the window).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_admin_checks_share_script_calls() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let store = format!(
+        r#"{{ kind: redis, redis: {{ mode: standalone, urls: ["{}"], batch_window_us: 2000 }} }}"#,
+        redis.url()
+    );
+    let gw = Gateway::start(&redis_yaml(&store, &per_user(1000)), up.addr).await;
+    let c = client();
+    let check = |user: String| {
+        let c = c.clone();
+        let url = gw.admin_url("/v1/check");
+        async move {
+            let body: serde_json::Value = c
+                .post(url)
+                .json(&serde_json::json!({"route": "r", "key": {"header:x-user": user}}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            body
+        }
+    };
+    // Every connection open and warm.
+    check("warm-up".into()).await;
+    let before = redis.evalsha_calls();
+    let mut by_redis = Vec::new();
+    let mut calls = 0;
+    for round in 0..5 {
+        let user = format!("u{round}");
+        let answers = futures::future::join_all((0..40).map(|_| check(user.clone()))).await;
+        calls += answers.len();
+        let mut decided = 0u64;
+        for a in &answers {
+            assert_eq!(a["allowed"], true, "{a}");
+            if a["decided_by"] == "redis" {
+                decided += 1;
+            }
+        }
+        by_redis.push((user, decided));
+    }
+    let scripts = redis.evalsha_calls() - before;
+    let decided: u64 = by_redis.iter().map(|(_, n)| n).sum();
+    assert!(
+        decided as usize * 4 >= calls * 3,
+        "only {decided} of {calls} checks decided by Redis"
+    );
+    assert!(
+        scripts * 2 < decided,
+        "{scripts} script calls for {decided} concurrent checks decided by Redis: not batched"
+    );
+    for (user, n) in by_redis {
+        let peek: serde_json::Value = c
+            .get(gw.admin_url(&format!("/v1/limits/r/per-user?key={user}")))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(peek["tokens"], 1000 - n, "{user}: {peek}");
+    }
+}
+
+/// The database number of the URL (`redis://HOST:PORT/3`) is where the buckets are kept, by
+/// the lanes' own connections as by the store's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_comes_from_the_url() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let url = format!("redis://127.0.0.1:{}/3", redis.port);
+    let gw = Gateway::start(&redis_yaml(&standalone(&url), &per_user(2)), up.addr).await;
+    let statuses = [
+        status(&gw, "d").await,
+        status(&gw, "d").await,
+        status(&gw, "d").await,
+    ];
+    assert_eq!(statuses, [200, 200, 429]);
+    let key = "tollgate:r:per-user:{d}";
+    assert_eq!(redis.cli(&["-n", "3", "EXISTS", key]).as_deref(), Some("1"));
+    assert_eq!(redis.cli(&["-n", "0", "EXISTS", key]).as_deref(), Some("0"));
+}
+
+/// A Redis store that never connected (its server refuses every `AUTH`), swapped away by a
+/// reload: once the old store is closed, nothing keeps connecting to that server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_swapped_away_stops_connecting() {
+    let closer = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closer.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            for conn in closer.incoming() {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut conn) = conn {
+                    use std::io::{Read, Write};
+                    let mut buf = [0u8; 512];
+                    let _ = conn.read(&mut buf);
+                    let _ = conn.write_all(b"-WRONGPASS invalid username-password pair\r\n");
+                }
+            }
+        });
+    }
+    let up = Upstream::start();
+    let store = format!(
+        r#"{{ kind: redis, redis: {{ mode: standalone, urls: ["redis://:nope@127.0.0.1:{port}"], startup_wait_ms: 300 }} }}"#
+    );
+    let gw = Gateway::spawn_now(&redis_yaml(&store, &per_user(5)), up.addr);
+    wait_until("the gateway's admin", Duration::from_secs(20), || async {
+        gw.metric("tollgate_config_generation ").await == Some(1.0)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        accepted.load(Ordering::Relaxed) > 0,
+        "nothing tried to connect"
+    );
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    std::fs::write(&gw.config_path, text.replace(&store, "{ kind: memory }")).unwrap();
+    wait_until("the reload", Duration::from_secs(10), || async {
+        gw.metric("tollgate_config_generation ").await == Some(2.0)
+    })
+    .await;
+    // The old store is closed after its grace period (5 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let then = accepted.load(Ordering::Relaxed);
+    // Longer than the longest pause between attempts (2 s), twice over.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let now = accepted.load(Ordering::Relaxed);
+    assert_eq!(
+        now,
+        then,
+        "connections to the swapped-away store's server went on:\n{}",
+        gw.log()
+    );
+}
+
+/// `redis://[::1]:PORT`: the lanes' own connections reach an IPv6 address (the brackets are
+/// the URL's, not the host's), and decide from Redis, not the fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ipv6_redis_url_is_reached() {
+    let redis = RedisProcess::standalone_dual_stack();
+    let up = Upstream::start();
+    let url = format!("redis://[::1]:{}", redis.port);
+    let gw = Gateway::start(&redis_yaml(&standalone(&url), &per_user(2)), up.addr).await;
+    let statuses = [
+        status(&gw, "v6").await,
+        status(&gw, "v6").await,
+        status(&gw, "v6").await,
+    ];
+    assert_eq!(statuses, [200, 200, 429], "{}", gw.log());
+    assert_eq!(
+        redis
+            .cli(&["EXISTS", "tollgate:r:per-user:{v6}"])
+            .as_deref(),
+        Some("1")
+    );
+    assert!(
+        !gw.log().contains("lane connection to Redis failed"),
+        "{}",
+        gw.log()
+    );
+}
+
+/// One connection killed under load costs the calls it had in flight, not a run of failures
+/// that opens the breaker: a lane whose connection had been working opens a new one at once,
+/// and the decisions that arrive meanwhile wait for it. Default `timeout_ms` (20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_lane_connection_does_not_open_the_breaker() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let store = format!(
+        r#"{{ kind: redis, redis: {{ mode: standalone, urls: ["{}"] }} }}"#,
+        redis.url()
+    );
+    let gw = Gateway::start(&redis_yaml(&store, &per_user(2000)), up.addr).await;
+    // Connections settled for longer than a second (a fresh one that breaks is retried later).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let load: Vec<_> = (0..4)
+        .map(|i| {
+            let stop = stop.clone();
+            let sent = sent.clone();
+            let url = gw.url("/");
+            tokio::spawn(async move {
+                let c = client();
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = c.get(&url).header("x-user", format!("k{i}")).send().await;
+                    sent.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The store's own connection and one per lane (2 proxy threads).
+    let killed = redis
+        .cli(&["CLIENT", "KILL", "TYPE", "normal"])
+        .and_then(|n| n.parse::<u32>().ok())
+        .unwrap_or(0);
+    assert!(killed >= 3, "{killed} connections killed");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        let _ = l.await;
+    }
+    assert!(sent.load(Ordering::Relaxed) > 50, "too little load");
+    let log = gw.log();
+    assert!(
+        !log.contains("breaker opened"),
+        "the breaker opened:\n{log}"
+    );
+}
+
+/// A Redis that takes the connection but refuses the client (`maxclients` reached): a lane
+/// counts its connection open only once Redis answers `PING`, so it backs off instead of
+/// reconnecting and logging in a tight loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_is_retried_with_backoff() {
+    let redis = RedisProcess::standalone();
+    assert_eq!(
+        redis.cli(&["CONFIG", "SET", "maxclients", "1"]).as_deref(),
+        Some("OK")
+    );
+    let up = Upstream::start();
+    let store = format!(
+        r#"{{ kind: redis, redis: {{ mode: standalone, urls: ["{}"], startup_wait_ms: 300 }} }}"#,
+        redis.url()
+    );
+    let gw = Gateway::spawn_now(&redis_yaml(&store, &per_user(5)), up.addr);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = gw.log();
+    let churn = log.matches("lane connection to Redis open again").count()
+        + log.matches("lane connection to Redis lost").count();
+    assert!(churn <= 4, "{churn} reconnect lines in 4 s:\n{log}");
+    // Decisions still get answers (the fallback's) meanwhile.
+    let answered = client()
+        .get(gw.url("/"))
+        .header("x-user", "m")
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0);
+    assert_eq!(answered, 200, "{log}");
+}
+
+/// A server that answers the connect handshake with a line that never ends (not Redis, or
+/// broken): the lane gives up on it after a few KiB instead of reading megabytes, and retries
+/// later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_reply_without_end_is_cut_short() {
+    let flood = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = flood.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in flood.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let chunk = vec![b'a'; 64 * 1024];
+                let _ = conn.write_all(b"+");
+                let until = std::time::Instant::now() + Duration::from_secs(3);
+                while std::time::Instant::now() < until && conn.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    let up = Upstream::start();
+    let store = format!(
+        r#"{{ kind: redis, redis: {{ mode: standalone, urls: ["redis://127.0.0.1:{port}"], startup_wait_ms: 300 }} }}"#
+    );
+    let gw = Gateway::spawn_now(&redis_yaml(&store, &per_user(5)), up.addr);
+    wait_until(
+        "the lane to give up on the handshake",
+        Duration::from_secs(10),
+        || async { gw.log().contains("no reply to PING within 4096 bytes") },
+    )
+    .await;
+}

@@ -68,6 +68,7 @@ async fn deciding_threads() -> Vec<(std::thread::ThreadId, tokio::runtime::Handl
 fn bucket(key: &str, interval_ms: u64, burst: u64, cost: u64) -> BucketRequest {
     BucketRequest {
         key: key.to_string(),
+        algorithm: tollgate::limiter::Algorithm::TokenBucket,
         interval_ns: interval_ms * MS,
         burst,
         cost,
@@ -308,6 +309,7 @@ fn interval_of(rate: &str) -> u64 {
 fn bucket_ns(key: &str, interval_ns: u64, burst: u64, cost: u64) -> BucketRequest {
     BucketRequest {
         key: key.to_string(),
+        algorithm: tollgate::limiter::Algorithm::TokenBucket,
         interval_ns,
         burst,
         cost,
@@ -546,11 +548,17 @@ async fn a_refund_tried_twice_is_applied_once() {
             "refund",
             "1",
             "0",
+            // One policy: interval, burst, token bucket.
             "1",
-            "77",
             &interval,
             "10",
-            "2",
+            "0",
+            // One request of one bucket: refund id 77, charged at second 0, then the bucket:
+            // the first policy at cost 2.
+            "1",
+            "77",
+            "0",
+            "1*2",
         ]);
         assert!(out.is_some(), "the refund call ran");
     }
@@ -562,4 +570,57 @@ async fn a_refund_tried_twice_is_applied_once() {
         left.remaining, 7,
         "5 left after the charge, 2 given back once"
     );
+}
+
+/// The script skips a request whose deadline (Redis `TIME` in microseconds) has passed and
+/// decides one whose deadline is ahead, for deadlines of the usual 16 digits (compared as
+/// text) and of other lengths (converted): the reply is the status alone (2) for a skipped
+/// request, the status and the bucket's debt for a decided one.
+#[tokio::test]
+async fn the_script_skips_requests_past_their_deadline_and_only_those() {
+    let redis = RedisProcess::standalone();
+    let time = redis.cli(&["TIME"]).unwrap();
+    let mut parts = time.lines();
+    let secs: u64 = parts.next().unwrap().trim().parse().unwrap();
+    let micros: u64 = parts.next().unwrap().trim().parse().unwrap();
+    let now_us = secs * 1_000_000 + micros;
+    let interval = (60_000 * MS).to_string();
+    let run = |deadline: String| -> Vec<String> {
+        let out = redis
+            .cli(&[
+                "EVAL",
+                tollgate::limiter::redis::TOKEN_BUCKET_LUA,
+                "1",
+                "t:r:x:{deadline}",
+                "decide",
+                "1",
+                "0",
+                "1",
+                &interval,
+                "10",
+                "0",
+                "1",
+                &deadline,
+                "1",
+            ])
+            .unwrap();
+        out.lines().map(|l| l.trim().to_string()).skip(2).collect()
+    };
+    // An hour ago, an hour ahead (16 digits); far ahead with 17 digits; a 1-digit past one;
+    // 0: no deadline.
+    assert_eq!(run((now_us - 3_600_000_000).to_string()), ["2"], "past");
+    assert_eq!(run("5".to_string()), ["2"], "past, short");
+    let ahead = run((now_us + 3_600_000_000).to_string());
+    assert_eq!(
+        ahead.first().map(String::as_str),
+        Some("1"),
+        "ahead: {ahead:?}"
+    );
+    assert_eq!(ahead.len(), 2, "the status and one debt: {ahead:?}");
+    assert_eq!(
+        run("99999999999999999".to_string())[0],
+        "1",
+        "17 digits, ahead"
+    );
+    assert_eq!(run("0".to_string())[0], "1", "no deadline");
 }

@@ -2,13 +2,15 @@
 //! and reporting every problem with file, field path and (for syntax errors) line and column.
 //!
 //! Parts: [`raw`] (serde wire structs), [`model`] (validated model), [`error`], [`limits`]
-//! (size, nesting and alias caps checked before the YAML parser runs).
+//! (size, nesting and alias caps checked before the YAML parser runs), [`rls`] (the rate-limit
+//! service's domains and descriptor trees).
 
 pub mod error;
 pub mod limits;
 pub mod locate;
 pub mod model;
 pub mod raw;
+pub mod rls;
 pub mod watch;
 
 pub use error::{ConfigError, Problem};

@@ -7,7 +7,7 @@ use crate::keys::{self, KeyPart, KeySpec};
 pub use crate::limiter::settings::{
     BreakerConfig, Fallback, RedisConfig, RedisMode, StoreConfig, StoreKindConfig,
 };
-use crate::limiter::{CostHeaderFrom, Limit, OnMissingKey, Policy, Rate};
+use crate::limiter::{Algorithm, CostHeaderFrom, Limit, OnMissingKey, Policy, Rate};
 use crate::routes::{HeaderFlags, HostMatch, PathMatch, Route, RouteMatch, Router};
 use crate::tls::{CertPaths, MinVersion, TlsListen};
 use crate::upstream::{Target, Upstream, UpstreamTls};
@@ -33,6 +33,8 @@ pub struct Config {
     pub server: ServerSettings,
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     pub router: Router,
+    /// The Envoy rate-limit service (`rls`), when configured.
+    pub rls: Option<super::rls::RlsConfig>,
     /// Level of the per-request access-log line (`None`: off).
     pub access_log: Option<tracing::Level>,
 }
@@ -94,7 +96,7 @@ impl Check {
 }
 
 /// Names of routes, limits and upstreams appear in bucket keys and metric labels.
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -102,7 +104,7 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-const NAME_RULE: &str = "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'";
+pub(super) const NAME_RULE: &str = "must be 1-64 characters of A-Z, a-z, 0-9, '-', '_' or '.'";
 
 fn socket_addr(check: &mut Check, path: &str, text: &str) -> Option<SocketAddr> {
     match text.to_socket_addrs().map(|mut a| a.next()) {
@@ -130,6 +132,28 @@ fn positive_ms(check: &mut Check, path: &str, value: Option<u64>, default: u64) 
 }
 
 /// Validates a parsed file into a [`Config`], or returns every problem found.
+/// Whether two listening sockets would fight over one port: the same port (not 0, which the
+/// kernel picks) on the same address, or where one is a wildcard that covers the other (`0.0.0.0`
+/// covers IPv4; `[::]` covers both families, the kernel's default being dual-stack). An
+/// IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`, `[::ffff:0.0.0.0]`) is the IPv4 address it
+/// maps; IPv6 addresses with different interface scopes (`fe80::1%1`, `fe80::1%2`) are apart.
+pub fn sockets_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    if let (SocketAddr::V6(x), SocketAddr::V6(y)) = (a, b) {
+        if x.scope_id() != 0 && y.scope_id() != 0 && x.scope_id() != y.scope_id() {
+            return false;
+        }
+    }
+    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
+    // `wild` covers `other`: an IPv4 wildcard covers IPv4 addresses, `[::]` every address.
+    let covers = |wild: std::net::IpAddr, other: std::net::IpAddr| {
+        wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    ia == ib || covers(ia, ib) || covers(ib, ia)
+}
+
 pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
     let mut check = Check::default();
 
@@ -144,13 +168,20 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         .enumerate()
         .filter_map(|(i, l)| build_listen(&mut check, i, l))
         .collect();
-    let mut seen_listen = HashSet::new();
     for (i, l) in listen.iter().enumerate() {
-        if !seen_listen.insert(l.address) {
-            check.err(
-                format!("listen[{i}]"),
-                format!("{} is listed twice", l.address),
-            );
+        if let Some(earlier) = listen[..i]
+            .iter()
+            .find(|e| sockets_collide(e.address, l.address))
+        {
+            let message = if earlier.address == l.address {
+                format!("{} is listed twice", l.address)
+            } else {
+                format!(
+                    "{} takes the same port as {}: only one can be bound",
+                    l.address, earlier.address
+                )
+            };
+            check.err(format!("listen[{i}]"), message);
         }
     }
 
@@ -160,6 +191,17 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         "admin.listen",
         raw_admin.listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
     );
+    if let Some(a) = admin_listen {
+        if let Some(l) = listen.iter().find(|l| sockets_collide(l.address, a)) {
+            check.err(
+                "admin.listen",
+                format!(
+                    "{a} takes the port of the proxy listener {}: only one can be bound",
+                    l.address
+                ),
+            );
+        }
+    }
     if let Some(token) = &raw_admin.token {
         if token.trim().is_empty() {
             check.err(
@@ -230,6 +272,7 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         );
     }
 
+    let rls_headers = raw.rls.as_ref().and_then(|r| r.headers);
     let default_headers = header_flags(
         raw.headers,
         HeaderFlags {
@@ -259,6 +302,32 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         }
     }
 
+    let rls = raw.rls.and_then(|r| {
+        let address = socket_addr(&mut check, "rls.listen", &r.listen);
+        if let Some(a) = address {
+            if admin_listen.is_some_and(|admin| sockets_collide(admin, a))
+                || listen.iter().any(|l| sockets_collide(l.address, a))
+            {
+                check.err(
+                    "rls.listen",
+                    format!("{a} is also a proxy or admin listener"),
+                );
+            }
+        }
+        let mut problems = Vec::new();
+        let built = super::rls::build(
+            r,
+            address,
+            header_flags(rls_headers, default_headers),
+            &routes,
+            &mut problems,
+        );
+        for (path, message) in problems {
+            check.err(path, message);
+        }
+        built
+    });
+
     if !check.problems.is_empty() {
         return Err(check.problems);
     }
@@ -277,6 +346,7 @@ pub fn build(raw: RawConfig) -> Result<Config, Vec<Problem>> {
         server,
         upstreams,
         router: Router::new(routes),
+        rls,
         access_log: match raw.access_log.unwrap_or_default() {
             RawAccessLog::Off => None,
             RawAccessLog::Error => Some(tracing::Level::ERROR),
@@ -670,6 +740,7 @@ fn build_policy(
     path: &str,
     rate_text: &str,
     burst: Option<u64>,
+    algorithm: Algorithm,
 ) -> Option<Policy> {
     let rate = match Rate::parse(rate_text) {
         Ok(rate) => rate,
@@ -678,12 +749,41 @@ fn build_policy(
             return None;
         }
     };
+    if algorithm.is_window() {
+        if burst.is_some() {
+            window_burst(check, path, algorithm);
+            return None;
+        }
+        let policy = Policy {
+            rate,
+            burst: rate.count,
+        };
+        return match algorithm.check_precision(&policy) {
+            Ok(()) => Some(policy),
+            Err(msg) => {
+                check.err(format!("{path}.rate"), msg);
+                None
+            }
+        };
+    }
     let burst = burst.unwrap_or(rate.count);
     if burst == 0 {
         check.err(format!("{path}.burst"), "must be at least 1");
         return None;
     }
     precise(check, path, Policy { rate, burst })
+}
+
+/// `burst` given with a window algorithm, whose quota is the rate's count.
+fn window_burst(check: &mut Check, path: &str, algorithm: Algorithm) {
+    check.err(
+        format!("{path}.burst"),
+        format!(
+            "does not apply with algorithm {}: the quota is the rate's count per window \
+             (rate: 100/m is 100 per minute window); remove burst or use token_bucket",
+            algorithm.name()
+        ),
+    );
 }
 
 /// The policy, if both stores can hold it exactly (refill time at most 2^53 ns).
@@ -729,7 +829,15 @@ fn build_limit(
             );
         }
     }
-    let policy = build_policy(check, path, &l.rate, l.burst);
+    let algorithm = match l.algorithm.as_deref().map(Algorithm::parse) {
+        None => Algorithm::TokenBucket,
+        Some(Ok(algorithm)) => algorithm,
+        Some(Err(msg)) => {
+            check.err(format!("{path}.algorithm"), msg);
+            Algorithm::TokenBucket
+        }
+    };
+    let policy = build_policy(check, path, &l.rate, l.burst, algorithm);
     let cost = l.cost.unwrap_or(1);
     let cost_header = match &l.cost_header {
         Some(h) => match http::HeaderName::from_bytes(h.as_bytes()) {
@@ -773,8 +881,12 @@ fn build_limit(
             burst: 1,
         });
         let overridden = match &o.rate {
-            Some(rate) => build_policy(check, &opath, rate, o.burst),
+            Some(rate) => build_policy(check, &opath, rate, o.burst, algorithm),
             None => match o.burst {
+                Some(_) if algorithm.is_window() => {
+                    window_burst(check, &opath, algorithm);
+                    None
+                }
                 Some(0) => {
                     check.err(format!("{opath}.burst"), "must be at least 1");
                     None
@@ -815,7 +927,12 @@ fn build_limit(
             check.err(
                 format!("{path}.cost"),
                 format!(
-                    "cost {cost} exceeds the burst {largest}: no request could ever pass this limit"
+                    "cost {cost} exceeds the {} {largest}: no request could ever pass this limit",
+                    if algorithm.is_window() {
+                        "quota"
+                    } else {
+                        "burst"
+                    }
                 ),
             );
         }
@@ -826,6 +943,7 @@ fn build_limit(
     Some(Limit {
         name: Arc::from(l.name.as_str()),
         key,
+        algorithm,
         policy: policy?,
         cost,
         cost_header,
@@ -842,19 +960,81 @@ fn build_limit(
 #[cfg(test)]
 mod tests {
     use crate::config::{parse, ConfigError};
+    use crate::limiter::Algorithm;
 
     /// The problems `tollgate validate` reports for one limit line, as "path: message".
     fn problems(limit: &str) -> Vec<String> {
-        let yaml = format!(
+        problems_of(&format!(
             "upstreams: {{ app: {{ targets: [\"127.0.0.1:9\"] }} }}\nroutes:\n  - name: r\n    upstream: app\n    limits:\n      - {limit}\n"
-        );
-        match parse(&yaml, "t.yaml") {
+        ))
+    }
+
+    /// The problems `tollgate validate` reports for a whole file, as "path: message".
+    fn problems_of(yaml: &str) -> Vec<String> {
+        match parse(yaml, "t.yaml") {
             Ok(_) => Vec::new(),
             Err(ConfigError::Invalid { problems, .. }) => problems
                 .iter()
                 .map(|p| format!("{}: {}", p.path, p.message))
                 .collect(),
             Err(e) => vec![e.to_string()],
+        }
+    }
+
+    /// The problems of a config with these top-level `listen`, `admin` and `rls` lines.
+    fn listener_problems(lines: &str) -> Vec<String> {
+        problems_of(&format!("{lines}\nupstreams: {{ app: {{ targets: [\"127.0.0.1:9\"] }} }}\nroutes:\n  - name: r\n    upstream: app\n"))
+    }
+
+    #[test]
+    fn listeners_that_would_fight_over_a_port_are_refused() {
+        let admin_on_proxy = listener_problems(
+            "listen: [\"127.0.0.1:8080\"]\nadmin: { listen: \"127.0.0.1:8080\" }",
+        );
+        assert_eq!(admin_on_proxy.len(), 1, "{admin_on_proxy:?}");
+        assert!(
+            admin_on_proxy[0].starts_with(
+                "admin.listen: 127.0.0.1:8080 takes the port of the proxy listener 127.0.0.1:8080"
+            ),
+            "{admin_on_proxy:?}"
+        );
+        // A wildcard covers every address of its family; `[::]` covers both.
+        for (proxy, admin) in [
+            ("0.0.0.0:8080", "127.0.0.1:8080"),
+            ("127.0.0.1:8080", "0.0.0.0:8080"),
+            ("[::]:8080", "127.0.0.1:8080"),
+            ("[::1]:8080", "[::]:8080"),
+            ("[::ffff:127.0.0.1]:8080", "127.0.0.1:8080"),
+            ("[::ffff:0.0.0.0]:8080", "127.0.0.1:8080"),
+            ("0.0.0.0:8080", "[::ffff:127.0.0.1]:8080"),
+        ] {
+            let found = listener_problems(&format!(
+                "listen: [\"{proxy}\"]\nadmin: {{ listen: \"{admin}\" }}"
+            ));
+            assert!(
+                found.iter().any(|p| p.starts_with("admin.listen:")),
+                "{proxy} / {admin}: {found:?}"
+            );
+        }
+        let two_proxies = listener_problems("listen: [\"0.0.0.0:8080\", \"127.0.0.1:8080\"]");
+        assert!(
+            two_proxies.iter().any(|p| p
+                == "listen[1]: 127.0.0.1:8080 takes the same port as 0.0.0.0:8080: only one can be bound"),
+            "{two_proxies:?}"
+        );
+        let rls = listener_problems(
+            "listen: [\"127.0.0.1:8080\"]\nadmin: { listen: \"0.0.0.0:9901\" }\nrls: { listen: \"127.0.0.1:9901\", domains: [] }",
+        );
+        assert!(rls.iter().any(|p| p.starts_with("rls.listen:")), "{rls:?}");
+        // What does not collide: other ports, the two families' own addresses, port 0 twice.
+        for lines in [
+            "listen: [\"127.0.0.1:8080\"]\nadmin: { listen: \"127.0.0.1:9901\" }",
+            "listen: [\"127.0.0.1:8080\", \"[::1]:8080\"]\nadmin: { listen: \"127.0.0.1:9901\" }",
+            "listen: [\"0.0.0.0:8080\", \"[::1]:8080\"]\nadmin: { listen: \"127.0.0.1:9901\" }",
+            "listen: [\"127.0.0.1:0\"]\nadmin: { listen: \"127.0.0.1:0\" }",
+            "listen: [\"[fe80::1%1]:8080\"]\nadmin: { listen: \"[fe80::1%2]:8080\" }",
+        ] {
+            assert_eq!(listener_problems(lines), Vec::<String>::new(), "{lines}");
         }
     }
 
@@ -901,6 +1081,68 @@ mod tests {
             .map(|n| n.to_string())
             .collect();
         assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32"]);
+    }
+
+    #[test]
+    fn algorithms_are_validated_by_field() {
+        assert_eq!(
+            problems(r#"{ name: l, key: ["ip"], rate: "100/m", algorithm: sliding_window }"#),
+            Vec::<String>::new()
+        );
+        let unknown = problems(r#"{ name: l, key: ["ip"], rate: "1/s", algorithm: leaky }"#);
+        assert_eq!(unknown.len(), 1, "{unknown:?}");
+        assert!(
+            unknown[0].starts_with("routes[0].limits[0].algorithm: "),
+            "{unknown:?}"
+        );
+        for algorithm in ["fixed_window", "sliding_window"] {
+            let burst = problems(&format!(
+                r#"{{ name: l, key: ["ip"], rate: "1/s", burst: 5, algorithm: {algorithm} }}"#
+            ));
+            assert_eq!(burst.len(), 1, "{burst:?}");
+            assert!(
+                burst[0].starts_with("routes[0].limits[0].burst: ") && burst[0].contains(algorithm),
+                "{burst:?}"
+            );
+            let over = problems(&format!(
+                r#"{{ name: l, key: ["ip"], rate: "1/s", algorithm: {algorithm}, overrides: {{ "1.2.3.4": {{ burst: 5 }}, "1.2.3.5": {{ rate: "9/s" }} }} }}"#
+            ));
+            assert_eq!(over.len(), 1, "{over:?}");
+            assert!(
+                over[0].starts_with("routes[0].limits[0].overrides.1.2.3.4.burst: "),
+                "{over:?}"
+            );
+            let cost = problems(&format!(
+                r#"{{ name: l, key: ["ip"], rate: "3/s", cost: 4, algorithm: {algorithm} }}"#
+            ));
+            assert!(
+                cost.len() == 1 && cost[0].contains("exceeds the quota 3"),
+                "{cost:?}"
+            );
+        }
+        // Sliding windows: quota × window in ms at most 2^53.
+        let fine =
+            problems(r#"{ name: l, key: ["ip"], rate: "200000000/d", algorithm: sliding_window }"#);
+        assert!(
+            fine.len() == 1 && fine[0].starts_with("routes[0].limits[0].rate: "),
+            "{fine:?}"
+        );
+        assert_eq!(
+            problems(r#"{ name: l, key: ["ip"], rate: "200000000/d", algorithm: fixed_window }"#),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_window_limit_has_its_quota_as_capacity() {
+        let yaml = "upstreams: { app: { targets: [\"127.0.0.1:9\"] } }\nroutes:\n  - name: r\n    upstream: app\n    limits:\n      - { name: l, key: [ip], rate: 100/m, algorithm: fixed_window, overrides: { \"1.2.3.4\": { rate: 5/s } } }\n";
+        let config = parse(yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let limit = &config.router.routes()[0].limits[0];
+        assert_eq!(limit.algorithm, Algorithm::FixedWindow);
+        assert_eq!(limit.policy.burst, 100);
+        assert_eq!(limit.policy_for("1.2.3.4").burst, 5);
+        assert_eq!(limit.algorithm.window_secs(&limit.policy), 60);
+        assert_eq!(limit.algorithm.window_secs(&limit.policy_for("1.2.3.4")), 1);
     }
 
     #[test]

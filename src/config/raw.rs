@@ -29,6 +29,87 @@ pub struct RawConfig {
     #[serde(default)]
     pub upstreams: BTreeMap<String, RawUpstream>,
     pub routes: Vec<RawRoute>,
+    /// The Envoy rate-limit service (`envoy.service.ratelimit.v3`); off when absent.
+    pub rls: Option<RawRls>,
+}
+
+/// `rls`: the gRPC listener and its domains.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRls {
+    pub listen: String,
+    /// Which rate-limit headers `response_headers_to_add` carries (default: the top-level
+    /// `headers`).
+    pub headers: Option<RawHeaders>,
+    /// Most connections at once (default 4096).
+    pub max_connections: Option<usize>,
+    /// A connection that sends nothing (not even a ping acknowledgement) this long is closed
+    /// (default 75000).
+    pub idle_timeout_ms: Option<u64>,
+    #[serde(default)]
+    pub domains: Vec<RawRlsDomain>,
+}
+
+/// One domain, as in envoyproxy/ratelimit's config files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRlsDomain {
+    pub domain: String,
+    #[serde(default)]
+    pub descriptors: Vec<RawDescriptor>,
+}
+
+/// A descriptor node: `key`, optional `value`, what applies when a request's descriptor ends
+/// here, and nested nodes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDescriptor {
+    pub key: String,
+    pub value: Option<String>,
+    /// A limit of its own (envoyproxy/ratelimit's `rate_limit`).
+    pub rate_limit: Option<RawRlsRate>,
+    /// A limit of a proxy route, shared: `{route: NAME, limit: NAME}`.
+    pub share: Option<RawShare>,
+    /// Which key source of the shared limit this entry's value stands for (`header:x-api-key`).
+    #[serde(rename = "as")]
+    pub as_source: Option<String>,
+    #[serde(default)]
+    pub unlimited: bool,
+    #[serde(default)]
+    pub shadow_mode: bool,
+    /// The limit's name in statuses, headers and keys (default: the descriptor path).
+    pub name: Option<String>,
+    #[serde(default)]
+    pub descriptors: Vec<RawDescriptor>,
+    /// envoyproxy/ratelimit's; refused with a reason (not an unknown-field error).
+    pub detailed_metric: Option<serde_yaml_ng::Value>,
+}
+
+/// `rate_limit`: envoyproxy/ratelimit's `{unit, requests_per_unit}` or Tollgate's
+/// `{rate, burst}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRlsRate {
+    pub unit: Option<String>,
+    pub requests_per_unit: Option<u64>,
+    pub rate: Option<String>,
+    pub burst: Option<u64>,
+    /// envoyproxy/ratelimit's `rate_limit.name`: the limit's name, as the descriptor's `name`.
+    pub name: Option<String>,
+    /// envoyproxy/ratelimit's; refused with a reason.
+    pub replaces: Option<serde_yaml_ng::Value>,
+    /// envoyproxy/ratelimit's; refused with a reason.
+    pub unlimited: Option<serde_yaml_ng::Value>,
+    /// `token_bucket` (default), `sliding_window` or `fixed_window`.
+    pub algorithm: Option<String>,
+}
+
+/// `share`: which proxy limit a descriptor counts against.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShare {
+    pub route: String,
+    pub limit: String,
 }
 
 /// One `listen` entry: `"HOST:PORT"` (plain HTTP) or `{address, tls}`.
@@ -271,6 +352,8 @@ pub struct RawLimit {
     pub key: Vec<String>,
     pub rate: String,
     pub burst: Option<u64>,
+    /// `token_bucket` (default), `sliding_window` or `fixed_window`.
+    pub algorithm: Option<String>,
     pub cost: Option<u64>,
     pub cost_header: Option<String>,
     pub cost_header_from: Option<String>,

@@ -9,16 +9,24 @@ pub trait Clock: Send + Sync {
     fn now_ns(&self) -> u64;
 }
 
-/// The process's monotonic clock.
+/// The process's monotonic clock, counting from the Unix time at which it was made (so the
+/// memory store's windows turn over at wall-clock boundaries, as Redis's do), and moving
+/// monotonically from there.
 #[derive(Debug)]
 pub struct MonotonicClock {
     start: Instant,
+    /// Nanoseconds since the Unix epoch at `start`.
+    epoch_ns: u64,
 }
 
 impl MonotonicClock {
     pub fn new() -> Self {
+        let epoch_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(0));
         MonotonicClock {
             start: Instant::now(),
+            epoch_ns,
         }
     }
 }
@@ -31,8 +39,10 @@ impl Default for MonotonicClock {
 
 impl Clock for MonotonicClock {
     fn now_ns(&self) -> u64 {
-        // Offset by a second so that "never touched" (tat = 0) is always in the past.
-        self.start.elapsed().as_nanos() as u64 + 1_000_000_000
+        // At least a second, so that "never touched" (tat = 0) is always in the past.
+        (self.start.elapsed().as_nanos() as u64)
+            .saturating_add(self.epoch_ns)
+            .max(1_000_000_000)
     }
 }
 

@@ -50,7 +50,7 @@ pub enum Verdict {
 enum Guarded {
     /// By the store, or from the deny cache (one outcome per bucket).
     Store(Vec<BucketOutcome>),
-    /// By the local fallback buckets, each at rate/N and burst/N.
+    /// By the local fallback buckets, each at rate/N and burst/N (a window: quota/N).
     Local(Vec<BucketOutcome>),
     Allow,
     Deny {
@@ -69,12 +69,18 @@ pub struct Decider {
     durations: [Histogram; 3],
 }
 
-/// The request as the local fallback sees it: rate/N and burst/N (at least 1).
+/// The request as the local fallback sees it: a token bucket at rate/N and burst/N, a window
+/// with quota/N per the same window (at least 1).
 pub fn per_instance(r: &BucketRequest, instances: u32) -> BucketRequest {
     let n = u64::from(instances.max(1));
     BucketRequest {
         key: r.key.clone(),
-        interval_ns: r.interval_ns.saturating_mul(n),
+        algorithm: r.algorithm,
+        interval_ns: if r.algorithm.is_window() {
+            r.interval_ns
+        } else {
+            r.interval_ns.saturating_mul(n)
+        },
         burst: (r.burst / n).max(1),
         cost: r.cost,
     }
@@ -140,7 +146,7 @@ impl Decider {
         breaker_cfg: &BreakerConfig,
         mut plan: Plan,
     ) -> Verdict {
-        if plan.requests.is_empty() || !plan.missing_denied.is_empty() {
+        if plan.requests.is_empty() || !plan.missing_denied.is_empty() || !plan.blocked.is_empty() {
             return Verdict::Decided {
                 decision: Decision::from_outcomes(plan, Vec::new()),
                 by: DecidedBy::NoBucket,
@@ -171,6 +177,13 @@ impl Decider {
         requests: &[BucketRequest],
     ) -> Guarded {
         let started = Instant::now();
+        if let (None, Some(memory)) = (&slot.redis, &slot.memory) {
+            // The memory store decides at once: called directly, no future to box or deadline.
+            if let Ok(outcomes) = memory.decide_now(requests) {
+                self.observe(memory.kind(), started);
+                return Guarded::Store(outcomes);
+            }
+        }
         let deadline = tokio::time::Instant::now() + slot.config.redis.timeout;
         if slot.redis.is_none() {
             // The memory store cannot fail.
@@ -232,5 +245,33 @@ impl Decider {
                     .max(Duration::from_secs(1).as_nanos() as u64),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::Algorithm;
+
+    #[test]
+    fn the_fallback_share_keeps_a_window_and_splits_its_quota() {
+        let window = BucketRequest {
+            key: "k".into(),
+            algorithm: Algorithm::SlidingWindow,
+            interval_ns: 60_000_000_000,
+            burst: 100,
+            cost: 1,
+        };
+        let share = per_instance(&window, 3);
+        assert_eq!(share.interval_ns, 60_000_000_000, "the same window");
+        assert_eq!(share.burst, 33);
+        let token = BucketRequest {
+            algorithm: Algorithm::TokenBucket,
+            interval_ns: 600_000_000,
+            ..window
+        };
+        let share = per_instance(&token, 3);
+        assert_eq!(share.interval_ns, 1_800_000_000, "a third of the rate");
+        assert_eq!(share.burst, 33);
     }
 }

@@ -4,7 +4,10 @@
 //! gateway seeing it (an admin reset through another instance, a Cluster refund, Redis flushed
 //! or restarted empty), so a denial is served from memory for at most [`MAX_AGE`] (and never
 //! past its retry time): an answer from the cache is never wrong for longer than that. A local
-//! reset or a config change forgets at once. Bounded and sharded like the memory store.
+//! reset or a config change forgets at once. A window bucket's retry time is when its window
+//! can admit the cost again (the boundary, or a sliding window's previous count weighing
+//! less), so its denial is remembered no longer than that. Bounded and sharded like the
+//! memory store.
 
 use super::clock::Clock;
 use super::{BucketOutcome, BucketRequest};
@@ -160,6 +163,7 @@ mod tests {
     fn req(key: &str, cost: u64) -> BucketRequest {
         BucketRequest {
             key: key.into(),
+            algorithm: crate::limiter::Algorithm::TokenBucket,
             interval_ns: 1_000,
             burst: 5,
             cost,
@@ -239,6 +243,39 @@ mod tests {
             "a's real state is unknown here"
         );
         assert!(cache.check(&[req("other", 1), req("b", 1)]).is_some());
+    }
+
+    #[test]
+    fn a_window_denial_is_served_only_until_the_window_admits() {
+        use crate::limiter::{window, Algorithm};
+        const SEC: u64 = 1_000_000_000;
+        // A fixed window of 10 per second, spent; 300 ms before the boundary.
+        let now = 1_000 * SEC + 700_000_000;
+        let clock = Arc::new(ManualClock::new(now));
+        let cache = DenyCache::new(1000, clock.clone());
+        let spent = window::State {
+            window: 1_000,
+            current: 10,
+            previous: 0,
+        };
+        let denied = window::evaluate(spent, now, SEC, 10, 1, false).outcome;
+        assert!(!denied.allowed);
+        assert_eq!(denied.retry_ns, 300_000_000);
+        let r = BucketRequest {
+            key: "w".into(),
+            algorithm: Algorithm::FixedWindow,
+            interval_ns: SEC,
+            burst: 10,
+            cost: 1,
+        };
+        cache.remember(std::slice::from_ref(&r), &[denied]);
+        clock.advance_ns(299_999_999);
+        assert!(cache.check(std::slice::from_ref(&r)).is_some());
+        clock.advance_ns(1);
+        assert!(
+            cache.check(std::slice::from_ref(&r)).is_none(),
+            "the window turned over: the store is asked"
+        );
     }
 
     #[test]

@@ -4,20 +4,28 @@
 //!
 //! Parts: [`settings`] (store, Redis and breaker settings), [`slot`] (the store in use, its
 //! connections and readiness), [`decider`] (deny cache, breaker, one deadline, fallback → one
-//! typed verdict), [`gcra`] (the token-bucket arithmetic, shared by every store), [`memory`]
+//! typed verdict), [`gcra`] (the token-bucket arithmetic, shared by every store), [`window`]
+//! (the fixed- and sliding-window arithmetic, likewise shared), [`memory`]
 //! (the sharded, bounded in-process store), [`redis`] (the Redis store, its lanes and script),
-//! [`breaker`], [`deny_cache`], [`clock`] (injected time), [`plan`] (route + request → decision).
+//! [`lane_conn`] (a lane's own pipelined connection to a standalone Redis), [`resp`] (the
+//! Redis wire protocol it speaks),
+//! [`breaker`], [`deny_cache`], [`clock`] (injected time), [`plan`] (route + request → decision),
+//! [`overrides`] (the runtime overrides table and which policy applies to a key).
 
 pub mod breaker;
 pub mod clock;
 pub mod decider;
 pub mod deny_cache;
 pub mod gcra;
+pub mod lane_conn;
 pub mod memory;
+pub mod overrides;
 pub mod plan;
 pub mod redis;
+pub mod resp;
 pub mod settings;
 pub mod slot;
+pub mod window;
 
 use crate::keys::KeySpec;
 use async_trait::async_trait;
@@ -145,11 +153,92 @@ pub enum CostHeaderFrom {
     Any,
 }
 
+/// How a limit counts: a token bucket (GCRA, the default) or a counter per window of the
+/// rate's period. With a window algorithm the quota is the rate's count (`100/m`: 100 per
+/// minute window) and there is no separate burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Algorithm {
+    /// A bucket of `burst` tokens refilling at the rate ([`gcra`]).
+    #[default]
+    TokenBucket,
+    /// Cloudflare's sliding-window counter: the current window's count plus the previous
+    /// window's, weighted by how much of it still overlaps the sliding window ([`window`]).
+    SlidingWindow,
+    /// A counter per aligned window of the period, reset at the boundary ([`window`]).
+    FixedWindow,
+}
+
+impl Algorithm {
+    /// As written in the config (`algorithm:`) and reported by the admin API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::TokenBucket => "token_bucket",
+            Algorithm::SlidingWindow => "sliding_window",
+            Algorithm::FixedWindow => "fixed_window",
+        }
+    }
+
+    /// Parses a config value.
+    pub fn parse(text: &str) -> Result<Algorithm, String> {
+        match text {
+            "token_bucket" => Ok(Algorithm::TokenBucket),
+            "sliding_window" => Ok(Algorithm::SlidingWindow),
+            "fixed_window" => Ok(Algorithm::FixedWindow),
+            other => Err(format!(
+                "expected token_bucket, sliding_window or fixed_window, got {other:?}"
+            )),
+        }
+    }
+
+    pub fn is_window(self) -> bool {
+        self != Algorithm::TokenBucket
+    }
+
+    /// The IETF `w` of a policy counted this way: the refill time of a token bucket, the
+    /// window (the rate's period) of a window algorithm.
+    pub fn window_secs(self, policy: &Policy) -> u64 {
+        if self.is_window() {
+            policy.rate.period.as_secs().max(1)
+        } else {
+            policy.window_secs()
+        }
+    }
+
+    /// The share of one of `instances` gateways (the local fallback): a token bucket's rate/N
+    /// and burst/N; a window's quota/N per the same window (at least 1).
+    pub fn per_instance(self, policy: &Policy, instances: u32) -> Policy {
+        if !self.is_window() {
+            return policy.per_instance(instances);
+        }
+        let quota = (policy.burst / u64::from(instances.max(1))).max(1);
+        Policy {
+            rate: Rate {
+                count: quota,
+                period: policy.rate.period,
+            },
+            burst: quota,
+        }
+    }
+
+    /// Whether both stores hold a policy counted this way exactly (see [`window`] for the
+    /// windows' bound).
+    pub fn check_precision(self, policy: &Policy) -> Result<(), String> {
+        match self {
+            Algorithm::TokenBucket => policy.check_precision(),
+            Algorithm::FixedWindow => Ok(()),
+            Algorithm::SlidingWindow => window::check_precision(policy.burst, policy.rate.period),
+        }
+    }
+}
+
 /// One limit of a route, validated.
 #[derive(Debug)]
 pub struct Limit {
     pub name: Arc<str>,
     pub key: KeySpec,
+    /// How the limit counts; every override counts the same way. A window algorithm's policy
+    /// has `burst` = the rate's count (the quota).
+    pub algorithm: Algorithm,
     pub policy: Policy,
     pub cost: u64,
     pub cost_header: Option<http::HeaderName>,
@@ -161,7 +250,8 @@ pub struct Limit {
 }
 
 impl Limit {
-    /// The policy for a key value: its override, or the limit's own.
+    /// The policy for a key value: its YAML override, or the limit's own (runtime overrides
+    /// come first: see [`overrides::resolve`]).
     pub fn policy_for(&self, value: &str) -> Policy {
         self.overrides.get(value).copied().unwrap_or(self.policy)
     }
@@ -184,9 +274,32 @@ impl Limit {
 pub struct BucketRequest {
     /// `route:limit:value` with a normalised value; unique per bucket.
     pub key: String,
+    /// How the bucket counts.
+    pub algorithm: Algorithm,
+    /// Token bucket: nanoseconds per token ([`Rate::interval_ns`]). Windows: the window's
+    /// length in nanoseconds (the rate's period, whole seconds).
     pub interval_ns: u64,
+    /// Token bucket: the burst. Windows: the quota per window.
     pub burst: u64,
     pub cost: u64,
+}
+
+impl BucketRequest {
+    /// The request for `key` under `policy` counted by `algorithm`.
+    pub fn new(key: String, algorithm: Algorithm, policy: &Policy, cost: u64) -> BucketRequest {
+        let interval_ns = if algorithm.is_window() {
+            u64::try_from(policy.rate.period.as_nanos()).unwrap_or(u64::MAX)
+        } else {
+            policy.rate.interval_ns()
+        };
+        BucketRequest {
+            key,
+            algorithm,
+            interval_ns,
+            burst: policy.burst,
+            cost,
+        }
+    }
 }
 
 /// A bucket's state after a decision (or a peek). When a decision is denied, nothing is
@@ -202,7 +315,9 @@ pub struct BucketOutcome {
     /// Time until the bucket could admit this request's cost: 0 when allowed, and 0 when the
     /// cost exceeds the burst (no wait makes it fit; see [`plan::CapacityExceeded`]).
     pub retry_ns: u64,
-    /// Time until the bucket gains its next whole token (0 when full).
+    /// Time until the bucket gains its next whole token (0 when full). Windows: until it can
+    /// admit one more than `remaining` (the window turns over, or the previous window's weight
+    /// drops by one request).
     pub next_token_ns: u64,
 }
 

@@ -2,7 +2,8 @@
 //! from the store's outcomes to one [`Decision`] for the request. A cost above a limit's burst
 //! is found here ([`CapacityExceeded`]): such a request can never pass ([`RetryAfter::Never`]).
 
-use super::{BucketOutcome, BucketRequest, CostHeaderFrom, Limit, OnMissingKey, Policy};
+use super::overrides::{self, Action, OverrideTable, Source};
+use super::{Algorithm, BucketOutcome, BucketRequest, CostHeaderFrom, Limit, OnMissingKey, Policy};
 use crate::keys::{self, Derived, RequestView};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,12 @@ pub struct Plan {
     /// A key source repeated with different values: the request is refused (400) and nothing
     /// is decided.
     pub ambiguous: Option<keys::KeySource>,
+    /// Limits whose policy is not the limit's own, and where it came from (also limits a
+    /// runtime override makes unlimited or blocks), in route order. Kept short: nothing is
+    /// recorded for a limit's own policy.
+    pub sources: Vec<(Arc<str>, Source)>,
+    /// Limits whose key a runtime override blocks: they deny, and can never pass.
+    pub blocked: Vec<(Arc<str>, Policy)>,
 }
 
 /// A request that costs more than a limit's bucket can ever hold.
@@ -47,20 +54,97 @@ pub fn bucket_key(route: &str, limit: &str, value: &str) -> String {
 impl Plan {
     /// The policies as the local fallback enforces them: each instance's share of N.
     pub fn per_instance(&mut self, instances: u32) {
-        for (_, policy) in &mut self.limits {
-            *policy = policy.per_instance(instances);
+        for ((_, policy), r) in self.limits.iter_mut().zip(&self.requests) {
+            *policy = r.algorithm.per_instance(policy, instances);
         }
     }
 
-    /// Adds one limit whose key value is known (`None`: its key is missing).
-    fn add(&mut self, route: &str, limit: &Limit, value: Option<String>, cost: u64) {
+    /// Adds one limit whose key value is known (`None`: its key is missing), under its YAML
+    /// overrides only.
+    pub fn add(&mut self, route: &str, limit: &Limit, value: Option<String>, cost: u64) {
+        self.add_under(&OverrideTable::EMPTY, route, limit, value, cost);
+    }
+
+    /// As [`Plan::add`], with the runtime `overrides` first (see [`overrides::resolve`]).
+    pub fn add_under(
+        &mut self,
+        overrides: &OverrideTable,
+        route: &str,
+        limit: &Limit,
+        value: Option<String>,
+        cost: u64,
+    ) {
         let Some(value) = value else {
             if limit.on_missing_key == OnMissingKey::Deny {
                 self.missing_denied.push((limit.name.clone(), limit.policy));
             }
             return;
         };
-        let policy = limit.policy_for(&value);
+        if let Some(policy) = self.policy_for(overrides, route, limit, &value) {
+            self.add_with_policy(route, limit, &value, cost, policy);
+        }
+    }
+
+    /// The policy `value` is decided under: runtime override, then YAML override, then the
+    /// limit (the source recorded when not the limit); none for `unlimited`, and for `block`,
+    /// which is recorded as blocked.
+    fn policy_for(
+        &mut self,
+        overrides: &OverrideTable,
+        route: &str,
+        limit: &Limit,
+        value: &str,
+    ) -> Option<Policy> {
+        let (action, source) = overrides::resolve(overrides, route, limit, value);
+        if source != Source::Limit {
+            self.sources.push((limit.name.clone(), source));
+        }
+        match action {
+            Action::Policy(p) => Some(p),
+            Action::Unlimited => None,
+            Action::Block => {
+                self.blocked
+                    .push((limit.name.clone(), limit.policy_for(value)));
+                None
+            }
+        }
+    }
+
+    /// As [`Plan::add_under`] for a key value that is present, written in place: `key` holds
+    /// `route:limit:{` then the value (from `value_at`), so the bucket key is made without
+    /// copying the value into a second string.
+    fn add_keyed(
+        &mut self,
+        overrides: &OverrideTable,
+        route: &str,
+        limit: &Limit,
+        mut key: String,
+        value_at: usize,
+        cost: u64,
+    ) {
+        let value = key.get(value_at..).unwrap_or_default();
+        let Some(policy) = self.policy_for(overrides, route, limit, value) else {
+            return;
+        };
+        key.push('}');
+        self.push_bucket(limit, key, cost, policy);
+    }
+
+    /// Adds one bucket of `limit` for key `value` under `policy`, already chosen (the
+    /// rate-limit service resolves a descriptor's overrides once, when it matches it).
+    pub fn add_with_policy(
+        &mut self,
+        route: &str,
+        limit: &Limit,
+        value: &str,
+        cost: u64,
+        policy: Policy,
+    ) {
+        self.push_bucket(limit, bucket_key(route, &limit.name, value), cost, policy);
+    }
+
+    /// Adds the bucket `key` of `limit` under `policy`.
+    fn push_bucket(&mut self, limit: &Limit, key: String, cost: u64, policy: Policy) {
         if cost > policy.burst {
             self.exceeds_capacity.push((
                 self.requests.len(),
@@ -71,12 +155,8 @@ impl Plan {
                 },
             ));
         }
-        self.requests.push(BucketRequest {
-            key: bucket_key(route, &limit.name, &value),
-            interval_ns: policy.rate.interval_ns(),
-            burst: policy.burst,
-            cost,
-        });
+        self.requests
+            .push(BucketRequest::new(key, limit.algorithm, &policy, cost));
         self.limits.push((limit.name.clone(), policy));
     }
 }
@@ -95,12 +175,30 @@ fn cost_value(text: &str) -> Option<u64> {
 }
 
 /// Derives every limit's key and cost for this request, for the route named `route`.
-pub fn plan(route: &str, limits: &[Limit], req: &RequestView<'_>, ipv6_prefix: u8) -> Plan {
-    let mut plan = Plan::default();
+/// Runtime `overrides` come first (see [`overrides::resolve`]).
+pub fn plan(
+    route: &str,
+    limits: &[Limit],
+    req: &RequestView<'_>,
+    ipv6_prefix: u8,
+    overrides: &OverrideTable,
+) -> Plan {
+    // Sized once: one bucket per limit at most.
+    let mut plan = Plan {
+        requests: Vec::with_capacity(limits.len()),
+        limits: Vec::with_capacity(limits.len()),
+        ..Plan::default()
+    };
     for limit in limits {
-        let mut value = String::new();
+        // The bucket key `route:limit:{value}`, the value derived in place.
+        let value_at = route.len() + limit.name.len() + 3;
+        let mut key = String::with_capacity(value_at + 32);
+        key.push_str(route);
+        key.push(':');
+        key.push_str(&limit.name);
+        key.push_str(":{");
         let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
-        let present = match keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut value) {
+        let present = match keys::derive(&limit.key, req, ipv6_prefix, anonymous, &mut key) {
             Derived::Present => true,
             Derived::Missing => false,
             Derived::Ambiguous(source) => {
@@ -126,7 +224,11 @@ pub fn plan(route: &str, limits: &[Limit], req: &RequestView<'_>, ipv6_prefix: u
             .and_then(|v| std::str::from_utf8(v).ok())
             .and_then(|v| cost_value(v.trim()))
             .unwrap_or(limit.cost);
-        plan.add(route, limit, present.then_some(value), cost);
+        if present {
+            plan.add_keyed(overrides, route, limit, key, value_at, cost);
+        } else {
+            plan.add_under(overrides, route, limit, None, cost);
+        }
     }
     plan
 }
@@ -138,6 +240,7 @@ pub fn plan_from_sources(
     given: &HashMap<String, String>,
     cost: Option<u64>,
     ipv6_prefix: u8,
+    overrides: &OverrideTable,
 ) -> Plan {
     let mut plan = Plan::default();
     for limit in limits {
@@ -145,7 +248,8 @@ pub fn plan_from_sources(
         let anonymous = limit.on_missing_key == OnMissingKey::Anonymous;
         let present =
             keys::derive_from_sources(&limit.key, given, ipv6_prefix, anonymous, &mut value);
-        plan.add(
+        plan.add_under(
+            overrides,
             route,
             limit,
             present.then_some(value),
@@ -159,6 +263,8 @@ pub fn plan_from_sources(
 #[derive(Debug, Clone)]
 pub struct LimitStatus {
     pub name: Arc<str>,
+    /// How the limit counts (with `policy`: the headers' quota and window).
+    pub algorithm: Algorithm,
     pub policy: Policy,
     pub outcome: BucketOutcome,
 }
@@ -176,6 +282,8 @@ pub struct Decision {
     pub retry_after_ns: u64,
     /// Limits whose bucket can never hold this request's cost: no wait makes it pass.
     pub exceeds_capacity: Vec<CapacityExceeded>,
+    /// Limits that block this request's key (a runtime override): no wait makes it pass.
+    pub blocked: Vec<Arc<str>>,
 }
 
 /// When a request could pass.
@@ -185,7 +293,7 @@ pub enum RetryAfter {
     Admitted,
     /// Not before this many nanoseconds.
     After(u64),
-    /// Never: its cost exceeds a limit's capacity.
+    /// Never: its cost exceeds a limit's capacity, or a limit blocks its key.
     Never,
 }
 
@@ -203,8 +311,17 @@ impl Decision {
     /// A request whose cost exceeds a limit's capacity is denied by that limit whatever the
     /// store (or the deny cache) said, with no retry time.
     pub fn from_outcomes(plan: Plan, outcomes: Vec<BucketOutcome>) -> Decision {
-        let mut decision = Decision::unlimited();
-        for (i, ((name, policy), mut outcome)) in plan.limits.into_iter().zip(outcomes).enumerate()
+        let mut decision = Decision {
+            statuses: Vec::with_capacity(plan.limits.len()),
+            ..Decision::unlimited()
+        };
+        let algorithms = plan.requests.iter().map(|r| r.algorithm);
+        for (i, (((name, policy), mut outcome), algorithm)) in plan
+            .limits
+            .into_iter()
+            .zip(outcomes)
+            .zip(algorithms)
+            .enumerate()
         {
             if plan.exceeds_capacity.iter().any(|(at, _)| *at == i) {
                 outcome.allowed = false;
@@ -216,6 +333,7 @@ impl Decision {
             }
             decision.statuses.push(LimitStatus {
                 name,
+                algorithm,
                 policy,
                 outcome,
             });
@@ -229,9 +347,13 @@ impl Decision {
                 decision.violated.push(e.limit.clone());
             }
         }
+        for (name, _) in plan.blocked {
+            decision.violated.push(name.clone());
+            decision.blocked.push(name);
+        }
         decision.allowed = decision.violated.is_empty();
         decision.exceeds_capacity = plan.exceeds_capacity.into_iter().map(|(_, e)| e).collect();
-        if !decision.exceeds_capacity.is_empty() {
+        if !decision.exceeds_capacity.is_empty() || !decision.blocked.is_empty() {
             decision.retry_after_ns = 0;
         }
         decision
@@ -241,7 +363,7 @@ impl Decision {
     pub fn retry_after(&self) -> RetryAfter {
         if self.allowed {
             RetryAfter::Admitted
-        } else if !self.exceeds_capacity.is_empty() {
+        } else if !self.exceeds_capacity.is_empty() || !self.blocked.is_empty() {
             RetryAfter::Never
         } else {
             RetryAfter::After(self.retry_after_ns)

@@ -16,9 +16,12 @@
 //! had given up (it came back after the deadline) is refunded at once: a request is charged at
 //! most once.
 
+use super::lane_conn::{self, LaneConn};
+use super::resp::{self, Reply};
 use super::settings::{RedisConfig, RedisMode};
 use super::slot::DecisionThread;
-use super::{BucketOutcome, BucketRequest, Store, StoreError, StoreKind};
+use super::{gcra, window};
+use super::{Algorithm, BucketOutcome, BucketRequest, Store, StoreError, StoreKind};
 use async_trait::async_trait;
 use fred::clients::Client;
 use fred::interfaces::{ClientLike, ClusterInterface, KeysInterface};
@@ -27,7 +30,7 @@ use fred::types::config::{Config, ReconnectPolicy, Server, ServerConfig};
 use fred::types::scripts::Script;
 use fred::types::Builder;
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::ThreadId;
 use std::time::Duration;
@@ -58,6 +61,9 @@ pub const REPLY_LIMIT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 struct Caller {
     client: Client,
+    /// A lane's own connection, when it has one (standalone Redis over plain TCP): its script
+    /// calls are written straight onto it instead of through `client`.
+    lane_conn: Option<LaneConn>,
     script: Script,
     prefix: String,
     /// How long a batch waits for more decisions after its first.
@@ -82,6 +88,16 @@ struct Lane {
     thread: ThreadId,
     tx: mpsc::Sender<Pending>,
     client: Client,
+    conn: Option<LaneConn>,
+}
+
+impl Lane {
+    fn is_connected(&self) -> bool {
+        match &self.conn {
+            Some(conn) => conn.is_connected(),
+            None => self.client.is_connected(),
+        }
+    }
 }
 
 static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(1);
@@ -180,13 +196,18 @@ pub struct RedisStore {
     /// One lane per proxy thread, opened by [`RedisStore::connect`]; owned here so that they
     /// (and their connections) end with the store.
     lanes: Mutex<Vec<Arc<Lane>>>,
+    /// Which lane the next decision from a thread without one (the admin API) goes to.
+    next_lane: AtomicUsize,
+    /// Where lanes open their own connections ([`lane_conn`]): standalone Redis over plain
+    /// TCP. `None` (Cluster, Sentinel, TLS): lanes use fred clients.
+    lane_target: Option<lane_conn::Target>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn fred_error(e: fred::error::Error) -> StoreError {
+pub(crate) fn fred_error(e: fred::error::Error) -> StoreError {
     use fred::error::ErrorKind;
     match e.kind() {
         ErrorKind::Timeout => StoreError::Timeout,
@@ -204,8 +225,10 @@ fn fred_error(e: fred::error::Error) -> StoreError {
 
 /// Host and port of a `redis://` / `rediss://` URL, and the parsed single-server config.
 fn parse_url(url: &str) -> Result<(Config, Server), StoreError> {
-    let config = Config::from_url(url)
-        .map_err(|e| StoreError::Connection(format!("bad Redis URL {url:?}: {e}")))?;
+    let config = Config::from_url(url).map_err(|e| {
+        let url = crate::redact::url_without_password(url);
+        StoreError::Connection(format!("bad Redis URL {url:?}: {e}"))
+    })?;
     let server = match &config.server {
         ServerConfig::Centralized { server } => server.clone(),
         _ => {
@@ -231,6 +254,20 @@ impl RedisStore {
         let servers: Vec<Server> = parsed.iter().map(|(_, s)| s.clone()).collect();
         // Credentials, TLS and database come from the first URL.
         let (mut config, _) = parsed.swap_remove(0);
+        let lane_target = (cfg.mode == RedisMode::Standalone && config.tls.is_none()).then(|| {
+            lane_conn::Target {
+                // fred keeps an IPv6 address in its URL brackets: `[::1]`.
+                host: servers[0]
+                    .host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string(),
+                port: servers[0].port,
+                username: config.username.clone(),
+                password: config.password.clone(),
+                database: config.database,
+            }
+        });
         config.fail_fast = false;
         config.server = match cfg.mode {
             RedisMode::Standalone => ServerConfig::Centralized {
@@ -262,6 +299,7 @@ impl RedisStore {
         Ok(RedisStore {
             caller: Caller {
                 client,
+                lane_conn: None,
                 script: Script::from_lua(if cfg.mode == RedisMode::Cluster {
                     CLUSTER_TOKEN_BUCKET_LUA
                 } else {
@@ -276,6 +314,8 @@ impl RedisStore {
             },
             id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
             lanes: Mutex::new(Vec::new()),
+            next_lane: AtomicUsize::new(0),
+            lane_target,
         })
     }
 
@@ -299,27 +339,41 @@ impl RedisStore {
         {
             let mut lanes = lock(&self.lanes);
             for (thread, handle) in threads {
-                let lane_client = client.clone_new();
+                // A lane's own connection when it can have one; otherwise a fred client of
+                // its own, its connection task on the lane's thread.
+                let conn = self.lane_target.as_ref().map(|target| {
+                    LaneConn::start(target.clone(), handle, self.caller.closed.clone())
+                });
+                let lane_client = match conn {
+                    Some(_) => client.clone(),
+                    None => client.clone_new(),
+                };
                 let caller = Caller {
                     client: lane_client.clone(),
+                    lane_conn: conn.clone(),
                     ..self.caller.clone()
                 };
                 let (tx, rx) = mpsc::channel(LANE_QUEUE);
                 let warming = caller.clone();
                 joins.push(handle.spawn(async move {
-                    // Spawns the connection task on this runtime (the lane's thread), then
+                    // Opens the lane's connection on this runtime (the lane's thread), then
                     // makes one script call over it: the lane's first decision is no slower
                     // than any other.
-                    tokio::spawn(keep_connected(
-                        warming.client.clone(),
-                        warming.closed.clone(),
-                        "lane",
-                    ));
-                    warming
-                        .client
-                        .wait_for_connect()
-                        .await
-                        .map_err(fred_error)?;
+                    match &warming.lane_conn {
+                        Some(conn) => conn.wait_connected().await,
+                        None => {
+                            tokio::spawn(keep_connected(
+                                warming.client.clone(),
+                                warming.closed.clone(),
+                                "lane",
+                            ));
+                            warming
+                                .client
+                                .wait_for_connect()
+                                .await
+                                .map_err(fred_error)?;
+                        }
+                    }
                     warming.time().await
                 }));
                 handle.spawn(run_batcher(caller, rx));
@@ -327,6 +381,7 @@ impl RedisStore {
                     thread: *thread,
                     tx,
                     client: lane_client,
+                    conn,
                 }));
             }
         }
@@ -373,6 +428,16 @@ impl RedisStore {
         Some(tx)
     }
 
+    /// The next lane in turn, for a thread that has none.
+    fn some_lane(&self) -> Option<mpsc::Sender<Pending>> {
+        let lanes = lock(&self.lanes);
+        if lanes.is_empty() {
+            return None;
+        }
+        let at = self.next_lane.fetch_add(1, Ordering::Relaxed) % lanes.len();
+        Some(lanes[at].tx.clone())
+    }
+
     /// Closes the connections (a lane's ends when its queue is dropped).
     pub async fn close(&self) {
         self.caller.closed.store(true, Ordering::Release);
@@ -384,8 +449,7 @@ impl RedisStore {
 
     /// Whether the store's own connection and every lane are connected.
     pub fn is_connected(&self) -> bool {
-        self.caller.client.is_connected()
-            && lock(&self.lanes).iter().all(|l| l.client.is_connected())
+        self.caller.client.is_connected() && lock(&self.lanes).iter().all(|l| l.is_connected())
     }
 
     /// Lanes opened (one per proxy thread once connected).
@@ -397,6 +461,20 @@ impl RedisStore {
     /// given up (the deadline passed in transit).
     pub fn late_refunds(&self) -> u64 {
         self.caller.refunded.load(Ordering::Relaxed)
+    }
+
+    /// The store's own connection and the key prefix, for data kept beside the buckets (the
+    /// runtime overrides, [`crate::override_store`]).
+    pub fn own_client(&self) -> (&Client, &str) {
+        (&self.caller.client, &self.caller.prefix)
+    }
+}
+
+impl Drop for RedisStore {
+    /// A store dropped without [`RedisStore::close`] (a reload whose store never connected and
+    /// was rejected) still stops its connections' retries.
+    fn drop(&mut self) {
+        self.caller.closed.store(true, Ordering::Release);
     }
 }
 
@@ -504,7 +582,10 @@ async fn run_batcher(caller: Caller, mut rx: mpsc::Receiver<Pending>) {
             drop(permit);
         });
     }
-    let _ = caller.client.quit().await;
+    // A fred lane client is the lane's own; with a lane connection, `client` is the store's.
+    if caller.lane_conn.is_none() {
+        let _ = caller.client.quit().await;
+    }
 }
 
 /// Where a Cluster call goes: the node that serves a set of slots, or (while the client does
@@ -539,8 +620,13 @@ fn by_shard(
 /// A request (by index in the batch) and the indexes of its buckets on one shard.
 type SlotPiece = (usize, Vec<usize>);
 
-/// One request's buckets as the script sees them, with its deadline in Redis's clock.
-type Piece<'a> = (Vec<&'a BucketRequest>, i64);
+/// A refund owed: the bucket, the refund's id, the Redis second of the charge.
+type Owed = (BucketRequest, i64, i64);
+
+/// One request's buckets as the script sees them, with its deadline in Redis's clock (a
+/// refund: its id) and, for a refund, the Redis second at which the charge was made (0
+/// otherwise).
+type Piece<'a> = (Vec<&'a BucketRequest>, i64, i64);
 
 impl Caller {
     fn full_key(&self, key: &str) -> String {
@@ -553,28 +639,21 @@ impl Caller {
     /// One script call over pieces (in a Cluster all on one node). No timeout of its own
     /// beyond fred's [`REPLY_LIMIT`]: the caller's deadline travels in the pieces.
     async fn call(&self, mode: &str, pieces: &[Piece<'_>]) -> Result<Vec<i64>, StoreError> {
-        let buckets: usize = pieces.iter().map(|(r, _)| r.len()).sum();
-        let mut keys: Vec<String> = Vec::with_capacity(buckets);
+        if let Some(conn) = &self.lane_conn {
+            return self.call_direct(conn, mode, pieces).await;
+        }
+        let buckets: usize = pieces.iter().map(|(r, _, _)| r.len()).sum();
+        let mut keys: Vec<String> = pieces
+            .iter()
+            .flat_map(|(r, _, _)| r.iter())
+            .map(|r| self.full_key(&r.key))
+            .collect();
         let mut args: Vec<fred::types::Value> =
-            Vec::with_capacity(3 + 2 * pieces.len() + 4 * buckets);
-        args.push(mode.into());
-        args.push((pieces.len() as i64).into());
+            Vec::with_capacity(8 + 3 * pieces.len() + 2 * buckets);
         // Cluster: the keys go at the end of ARGV and only the first is a declared key (it
         // routes the call to the node that serves them all).
-        args.push((if self.clustered { buckets as i64 } else { 0 }).into());
-        for (requests, deadline_us) in pieces {
-            args.push((requests.len() as i64).into());
-            args.push((*deadline_us).into());
-            for r in requests.iter() {
-                keys.push(self.full_key(&r.key));
-                // Whole nanoseconds, the same integer the memory store uses. A cost above the
-                // burst never fits; the script only needs to see that, so it is sent as at most
-                // burst + 1 (exact in Lua doubles, never multiplied out).
-                args.push(int(r.interval_ns).into());
-                args.push(int(r.burst).into());
-                args.push(int(r.cost.min(r.burst.saturating_add(1))).into());
-            }
-        }
+        let keys_in_argv = if self.clustered { buckets as i64 } else { 0 };
+        write_argv(mode, pieces, keys_in_argv, &mut args);
         if self.clustered {
             let first = keys.first().cloned();
             args.extend(keys.into_iter().map(fred::types::Value::from));
@@ -605,19 +684,71 @@ impl Caller {
         result
     }
 
+    /// [`Caller::call`] over a lane's own connection: the `EVALSHA` frame written straight
+    /// from the pieces (the same arguments, in the same order), and the script loaded on the
+    /// first `NOSCRIPT` (a restarted or flushed Redis).
+    async fn call_direct(
+        &self,
+        conn: &LaneConn,
+        mode: &str,
+        pieces: &[Piece<'_>],
+    ) -> Result<Vec<i64>, StoreError> {
+        let frame = self.evalsha_frame(mode, pieces);
+        let attempt = async {
+            let mut reply = conn.call(frame.clone()).await?;
+            if matches!(&reply, Reply::Error(m) if m.starts_with("NOSCRIPT")) {
+                let body = self.script.lua().map(|l| l.as_bytes()).unwrap_or_default();
+                if let Reply::Error(m) = conn
+                    .call(resp::command(&[b"SCRIPT", b"LOAD", body]))
+                    .await?
+                {
+                    return Err(StoreError::Script(m));
+                }
+                reply = conn.call(frame).await?;
+            }
+            integers(reply)
+        };
+        match tokio::time::timeout(REPLY_LIMIT * 2, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout),
+        }
+    }
+
+    /// The `EVALSHA` command of one script call (standalone: every key a declared key), with
+    /// the arguments [`Caller::call`] sends.
+    fn evalsha_frame(&self, mode: &str, pieces: &[Piece<'_>]) -> bytes::Bytes {
+        let buckets: usize = pieces.iter().map(|(r, _, _)| r.len()).sum();
+        let key_bytes: usize = pieces
+            .iter()
+            .flat_map(|(r, _, _)| r.iter())
+            .map(|r| self.prefix.len() + r.key.len() + 8)
+            .sum();
+        let mut c = resp::Command::with_capacity(key_bytes + 24 * (buckets + pieces.len()) + 128);
+        c.arg(b"EVALSHA")
+            .arg(self.script.sha1().as_bytes())
+            .int(buckets as i64);
+        for (requests, _, _) in pieces {
+            for r in requests.iter() {
+                c.joined(self.prefix.as_bytes(), r.key.as_bytes());
+            }
+        }
+        write_argv(mode, pieces, 0, &mut c);
+        c.finish()
+    }
+
     /// Reads Redis's clock (one script call in `time` mode).
     async fn time(&self) -> Result<(), StoreError> {
         let reply = self.call("time", &[]).await?;
         parse_reply(&reply, &[]).map(|(now_us, _)| self.clock.observe(now_us))
     }
 
-    /// Decides pieces in one call; one answer per piece.
-    async fn decide_pieces(&self, pieces: &[Piece<'_>]) -> Result<Vec<Answer>, StoreError> {
-        let sizes: Vec<usize> = pieces.iter().map(|(r, _)| r.len()).collect();
+    /// Decides pieces in one call; one answer per piece, and the Redis second of the call
+    /// (when its charges were made).
+    async fn decide_pieces(&self, pieces: &[Piece<'_>]) -> Result<(i64, Vec<Answer>), StoreError> {
         let reply = self.call("decide", pieces).await?;
-        let (now_us, answers) = parse_reply(&reply, &sizes)?;
+        let (now_us, answers) = parse_reply(&reply, pieces)?;
         self.clock.observe(now_us);
-        Ok(answers)
+        Ok((now_us.div_euclid(1_000_000), answers))
     }
 
     /// Decides a batch and answers each waiting request; refunds what a late reply charged
@@ -645,26 +776,28 @@ impl Caller {
                     (
                         p.requests.iter().collect(),
                         self.clock.to_redis_us(p.deadline),
+                        0,
                     )
                 })
                 .collect();
             match self.decide_pieces(&pieces).await {
-                Ok(answers) => answers.into_iter().map(Ok).collect(),
+                Ok((at, answers)) => answers.into_iter().map(|a| Ok((a, at))).collect(),
                 Err(e) => vec![Err(e); live.len()],
             }
         };
-        let mut late: Vec<BucketRequest> = Vec::new();
+        let mut late: Vec<(BucketRequest, i64)> = Vec::new();
         for (p, answer) in live.into_iter().zip(answers) {
-            let charged = matches!(answer, Ok((Status::Admitted, _)))
+            let charged = matches!(answer, Ok(((Status::Admitted, _), _)))
                 && p.requests.iter().any(|r| r.cost > 0);
+            let charged_at = answer.as_ref().map_or(0, |(_, at)| *at);
             let result = match answer {
-                Ok((Status::Expired, _)) => Err(StoreError::Timeout),
-                Ok((_, outcomes)) => Ok(outcomes),
+                Ok(((Status::Expired, _), _)) => Err(StoreError::Timeout),
+                Ok(((_, outcomes), _)) => Ok(outcomes),
                 Err(e) => Err(e),
             };
             if let Err(Ok(_)) = p.reply.send(result) {
                 if charged {
-                    late.extend(p.requests);
+                    late.extend(p.requests.into_iter().map(|r| (r, charged_at)));
                     self.refunded.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -681,7 +814,7 @@ impl Caller {
     /// Cluster: every request's buckets grouped by the node that serves them, one call per
     /// node for the whole batch (concurrently). A request admitted by some nodes and denied (or
     /// failed) by another gets the admitting nodes' tokens back.
-    async fn decide_by_slot(&self, live: &[Pending]) -> Vec<Result<Answer, StoreError>> {
+    async fn decide_by_slot(&self, live: &[Pending]) -> Vec<Result<(Answer, i64), StoreError>> {
         let routing = self.client.cached_cluster_state();
         // Per node: the (request, bucket indexes) pieces that live there.
         let mut slots: Vec<(Shard, Vec<SlotPiece>)> = Vec::new();
@@ -701,6 +834,7 @@ impl Caller {
                     (
                         members.iter().map(|&i| &p.requests[i]).collect(),
                         self.clock.to_redis_us(p.deadline),
+                        0,
                     )
                 })
                 .collect();
@@ -713,7 +847,8 @@ impl Caller {
             denied: bool,
             expired: bool,
             error: Option<StoreError>,
-            admitted: Vec<usize>,
+            /// Buckets admitted (charged), with the Redis second of their slot's call.
+            admitted: Vec<(usize, i64)>,
         }
         let mut tallies: Vec<Tally> = live
             .iter()
@@ -727,14 +862,14 @@ impl Caller {
             .collect();
         for ((_, pieces), result) in slots.iter().zip(results) {
             match result {
-                Ok(answers) => {
+                Ok((at, answers)) => {
                     for ((pi, members), (status, outcomes)) in pieces.iter().zip(answers) {
                         let t = &mut tallies[*pi];
                         for (&i, o) in members.iter().zip(outcomes) {
                             t.outcomes[i] = o;
                         }
                         match status {
-                            Status::Admitted => t.admitted.extend(members.iter().copied()),
+                            Status::Admitted => t.admitted.extend(members.iter().map(|&i| (i, at))),
                             Status::Denied => t.denied = true,
                             Status::Expired => t.expired = true,
                         }
@@ -747,31 +882,38 @@ impl Caller {
                 }
             }
         }
-        let mut refunds: Vec<BucketRequest> = Vec::new();
+        let mut refunds: Vec<(BucketRequest, i64)> = Vec::new();
         let mut answers = Vec::with_capacity(live.len());
         for (p, mut t) in live.iter().zip(tallies) {
             let whole = !t.denied && !t.expired && t.error.is_none();
+            // A late reply's refund goes back to the first slot's second (a request whose
+            // slots' calls straddle a window boundary and come back late is not tracked
+            // further).
+            let first_at = t.admitted.first().map_or(0, |(_, at)| *at);
             if whole {
-                answers.push(Ok((Status::Admitted, t.outcomes)));
+                answers.push(Ok(((Status::Admitted, t.outcomes), first_at)));
                 continue;
             }
             // Give back what the admitting slots took, so the request charges nothing.
-            for &i in &t.admitted {
+            for &(i, at) in &t.admitted {
                 let r = &p.requests[i];
                 if r.cost > 0 {
-                    refunds.push(r.clone());
+                    refunds.push((r.clone(), at));
                 }
                 // Charged and given back: reported uncharged, as the script reports a slot
                 // that denied.
-                t.outcomes[i] =
-                    super::gcra::uncharged(t.outcomes[i], r.interval_ns, r.burst, r.cost);
+                t.outcomes[i] = if r.algorithm.is_window() {
+                    super::window::uncharged(t.outcomes[i], r.burst, r.cost)
+                } else {
+                    super::gcra::uncharged(t.outcomes[i], r.interval_ns, r.burst, r.cost)
+                };
             }
             answers.push(if t.denied {
-                Ok((Status::Denied, t.outcomes))
+                Ok(((Status::Denied, t.outcomes), first_at))
             } else if let Some(e) = t.error {
                 Err(e)
             } else {
-                Ok((Status::Expired, t.outcomes))
+                Ok(((Status::Expired, t.outcomes), first_at))
             });
         }
         if !refunds.is_empty() {
@@ -783,15 +925,17 @@ impl Caller {
     /// Gives back `cost` tokens to each bucket (one call, or one per node in a Cluster). A
     /// call that fails is tried again a few times in the background (a node briefly away);
     /// each bucket's refund carries an id, so a try that ran after all is not applied twice.
-    async fn refund(&self, buckets: &[BucketRequest]) {
+    /// `buckets` pairs each bucket with the Redis second its charge was made in (a window's
+    /// refund goes back to that window).
+    async fn refund(&self, buckets: &[(BucketRequest, i64)]) {
         use std::hash::BuildHasher;
         let ids = std::collections::hash_map::RandomState::new();
-        let owed: Vec<(BucketRequest, i64)> = buckets
+        let owed: Vec<Owed> = buckets
             .iter()
-            .map(|b| {
+            .map(|(b, at)| {
                 let id =
                     ids.hash_one(NEXT_REFUND.fetch_add(1, Ordering::Relaxed)) & ((1 << 53) - 1);
-                (b.clone(), int(id).max(1))
+                (b.clone(), int(id).max(1), *at)
             })
             .collect();
         let owed = self.refund_once(&owed).await;
@@ -820,8 +964,8 @@ impl Caller {
     }
 
     /// One try at [`Caller::refund`]; returns the buckets whose call failed.
-    async fn refund_once(&self, owed: &[(BucketRequest, i64)]) -> Vec<(BucketRequest, i64)> {
-        let buckets: Vec<BucketRequest> = owed.iter().map(|(b, _)| b.clone()).collect();
+    async fn refund_once(&self, owed: &[Owed]) -> Vec<Owed> {
+        let buckets: Vec<BucketRequest> = owed.iter().map(|(b, _, _)| b.clone()).collect();
         let groups: Vec<Vec<usize>> = if self.clustered {
             let routing = self.client.cached_cluster_state();
             by_shard(self, routing.as_ref(), &buckets)
@@ -837,7 +981,7 @@ impl Caller {
                 // One piece per bucket: each carries its own refund id.
                 let pieces: Vec<Piece<'_>> = members
                     .iter()
-                    .map(|&i| (vec![&buckets[i]], owed[i].1))
+                    .map(|&i| (vec![&buckets[i]], owed[i].1, owed[i].2))
                     .collect();
                 self.call("refund", &pieces).await
             }
@@ -852,44 +996,213 @@ impl Caller {
     }
 }
 
+/// Where a script call's arguments go: fred values (fred lanes, the store's own connection) or
+/// a RESP frame (a lane's own connection).
+trait ScriptArgs {
+    fn int(&mut self, value: i64);
+    fn text(&mut self, value: &str);
+}
+
+impl ScriptArgs for Vec<fred::types::Value> {
+    fn int(&mut self, value: i64) {
+        self.push(value.into());
+    }
+    fn text(&mut self, value: &str) {
+        self.push(value.into());
+    }
+}
+
+impl ScriptArgs for resp::Command {
+    fn int(&mut self, value: i64) {
+        resp::Command::int(self, value);
+    }
+    fn text(&mut self, value: &str) {
+        self.arg(value.as_bytes());
+    }
+}
+
+/// The script's ARGV for one call, keys aside (`lua/token_bucket.lua` documents it): mode, the
+/// number of requests, `keys_in_argv` (Cluster: the keys follow at the end), the call's
+/// distinct policies once, then per request its bucket count, deadline (and in refunds the
+/// charge's second), and per bucket its policy's position, "P" or "P*C".
+fn write_argv(mode: &str, pieces: &[Piece<'_>], keys_in_argv: i64, out: &mut impl ScriptArgs) {
+    // The call's distinct policies, sent once (a batch's requests share a few limits); each
+    // bucket then names its policy by position.
+    let mut policies: Vec<(i64, i64, i64)> = Vec::new();
+    let mut at: Vec<i64> = Vec::with_capacity(pieces.iter().map(|(r, _, _)| r.len()).sum());
+    for r in pieces.iter().flat_map(|(r, _, _)| r.iter()) {
+        let policy = policy_triple(r);
+        let i = match policies.iter().position(|p| *p == policy) {
+            Some(i) => i,
+            None => {
+                policies.push(policy);
+                policies.len() - 1
+            }
+        };
+        at.push(i as i64 + 1);
+    }
+    out.text(mode);
+    out.int(pieces.len() as i64);
+    out.int(keys_in_argv);
+    out.int(policies.len() as i64);
+    for (interval, burst, algorithm) in &policies {
+        out.int(*interval);
+        out.int(*burst);
+        out.int(*algorithm);
+    }
+    let refund = mode == "refund";
+    let mut next = at.into_iter();
+    for (requests, deadline_us, charged_s) in pieces {
+        out.int(requests.len() as i64);
+        out.int(*deadline_us);
+        if refund {
+            out.int(*charged_s);
+        }
+        for r in requests.iter() {
+            let policy = next.next().unwrap_or(1);
+            // A cost above the burst never fits; the script only needs to see that, so it is
+            // sent as at most burst + 1 (exact in Lua doubles, never multiplied out). "P" for
+            // cost 1 (nearly every bucket), "P*C" otherwise: one argument.
+            match r.cost.min(r.burst.saturating_add(1)) {
+                1 => out.int(policy),
+                cost => out.text(&format!("{policy}*{cost}")),
+            }
+        }
+    }
+}
+
+/// A bucket's policy as the script takes it: interval (ns), burst, algorithm (0 token bucket,
+/// 1 sliding window, 2 fixed window).
+fn policy_triple(r: &BucketRequest) -> (i64, i64, i64) {
+    (
+        int(r.interval_ns),
+        int(r.burst),
+        match r.algorithm {
+            Algorithm::TokenBucket => 0,
+            Algorithm::SlidingWindow => 1,
+            Algorithm::FixedWindow => 2,
+        },
+    )
+}
+
+/// A script reply as integers; a server error as [`StoreError::Script`].
+fn integers(reply: Reply) -> Result<Vec<i64>, StoreError> {
+    match reply {
+        Reply::Array(Some(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Reply::Integer(i) => Ok(i),
+                other => Err(StoreError::Script(format!(
+                    "unexpected item in the script's reply: {other:?}"
+                ))),
+            })
+            .collect(),
+        Reply::Error(message) => Err(StoreError::Script(message)),
+        other => Err(StoreError::Script(format!(
+            "unexpected script reply: {other:?}"
+        ))),
+    }
+}
+
 fn int(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Splits a reply into Redis's clock (microseconds) and one answer per request of `sizes`
-/// buckets each.
-fn parse_reply(reply: &[i64], sizes: &[usize]) -> Result<(i64, Vec<Answer>), StoreError> {
-    let expected: usize = 2 + sizes.iter().map(|n| 1 + 5 * n).sum::<usize>();
-    if reply.len() != expected {
-        return Err(StoreError::Script(format!(
-            "script returned {} values, expected {expected}",
+/// Splits a reply into Redis's clock (microseconds) and one answer per request of `pieces`.
+///
+/// The script returns each bucket's state as it read it (a token bucket's debt; a window's
+/// current and previous counts), not its outcome: the outcome is computed here, by the same
+/// arithmetic the memory store uses ([`gcra::evaluate`], [`window::evaluate`]), at the call's
+/// Redis `TIME`. Redis then converts 1 + 1 or 2 numbers per bucket instead of 1 + 5, and the
+/// script computes no headers' values (both were most of its cost).
+fn parse_reply(reply: &[i64], pieces: &[Piece<'_>]) -> Result<(i64, Vec<Answer>), StoreError> {
+    let short = || {
+        StoreError::Script(format!(
+            "script returned {} values, fewer than its requests need",
             reply.len()
-        )));
-    }
-    let now_us = reply[0].saturating_mul(1_000_000).saturating_add(reply[1]);
-    let ns = |v: i64| u64::try_from(v).unwrap_or(0);
+        ))
+    };
+    let (Some(&seconds), Some(&micros)) = (reply.first(), reply.get(1)) else {
+        return Err(short());
+    };
+    let now_us = seconds.saturating_mul(1_000_000).saturating_add(micros);
+    let now = u64::try_from(now_us).unwrap_or(0).saturating_mul(1_000);
+    let value = |at: usize| -> Result<u64, StoreError> {
+        reply
+            .get(at)
+            .map(|v| u64::try_from(*v).unwrap_or(0))
+            .ok_or_else(short)
+    };
     let mut at = 2;
-    let mut answers = Vec::with_capacity(sizes.len());
-    for &n in sizes {
-        let status = match reply[at] {
+    let mut answers = Vec::with_capacity(pieces.len());
+    for (requests, _, _) in pieces {
+        let status = match value(at)? {
             1 => Status::Admitted,
             2 => Status::Expired,
             _ => Status::Denied,
         };
-        let outcomes = reply[at + 1..at + 1 + 5 * n]
-            .chunks_exact(5)
-            .map(|c| BucketOutcome {
-                allowed: c[0] == 1,
-                remaining: u64::try_from(c[1]).unwrap_or(0),
-                reset_ns: ns(c[2]),
-                retry_ns: ns(c[3]),
-                next_token_ns: ns(c[4]),
-            })
-            .collect();
+        at += 1;
+        let mut outcomes = Vec::with_capacity(requests.len());
+        if status == Status::Expired {
+            outcomes.resize(requests.len(), BucketOutcome::default());
+        } else {
+            for r in requests {
+                let state = if r.algorithm.is_window() {
+                    at += 2;
+                    BucketState::Window(value(at - 2)?, value(at - 1)?)
+                } else {
+                    at += 1;
+                    BucketState::Debt(value(at - 1)?)
+                };
+                outcomes.push(outcome_of(r, state, now, status == Status::Admitted));
+            }
+        }
         answers.push((status, outcomes));
-        at += 1 + 5 * n;
+    }
+    if at != reply.len() {
+        return Err(StoreError::Script(format!(
+            "script returned {} values, expected {at}",
+            reply.len()
+        )));
     }
     Ok((now_us, answers))
+}
+
+/// A bucket as the script read it: a token bucket's debt (ns until full, at most its refill
+/// time), or a window's counts in force (current, previous).
+#[derive(Debug, Clone, Copy)]
+enum BucketState {
+    Debt(u64),
+    Window(u64, u64),
+}
+
+/// The outcome the script's decision means for bucket `r` read as `state` at `now` (ns of
+/// Redis `TIME`): charged when the whole request was `admitted`; else as the bucket really is
+/// (one that would have admitted reports its state uncharged).
+fn outcome_of(r: &BucketRequest, state: BucketState, now: u64, admitted: bool) -> BucketOutcome {
+    // The cost as sent: a cost above the burst never fits, whatever its size.
+    let cost = r.cost.min(r.burst.saturating_add(1));
+    let evaluate = |cost: u64| match state {
+        BucketState::Debt(debt) => {
+            gcra::evaluate(now.saturating_add(debt), now, r.interval_ns, r.burst, cost).outcome
+        }
+        BucketState::Window(current, previous) => {
+            let w = r.interval_ns.max(1);
+            let stored = window::State {
+                window: now / w,
+                current,
+                previous,
+            };
+            let sliding = r.algorithm == Algorithm::SlidingWindow;
+            window::evaluate(stored, now, w, r.burst, cost, sliding).outcome
+        }
+    };
+    let charged = evaluate(cost);
+    if admitted || !charged.allowed {
+        charged
+    } else {
+        evaluate(0)
+    }
 }
 
 #[async_trait]
@@ -912,13 +1225,15 @@ impl Store for RedisStore {
             deadline,
             reply,
         };
-        match self.lane() {
+        // A thread without a lane of its own (the admin API's `/v1/check`) takes the lanes in
+        // turn: its decisions share script calls with the proxy's.
+        match self.lane().or_else(|| self.some_lane()) {
             Some(queue) => queue
                 .try_send(pending)
                 .map_err(|_| StoreError::Connection("decision queue full".into()))?,
             None => {
-                // Not a proxy thread (admin API, tests): the store's own connection, in a task
-                // that outlives the deadline so that a late charge is still refunded.
+                // No lanes (yet): the store's own connection, in a task that outlives the
+                // deadline so that a late charge is still refunded.
                 let caller = self.caller.clone();
                 tokio::spawn(async move { caller.run_batch(vec![pending]).await });
             }
@@ -931,8 +1246,9 @@ impl Store for RedisStore {
             cost: 0,
             ..request.clone()
         };
-        let reply = self.caller.call("peek", &[(vec![&uncharged], 0)]).await?;
-        let (now_us, answers) = parse_reply(&reply, &[1])?;
+        let pieces = [(vec![&uncharged], 0, 0)];
+        let reply = self.caller.call("peek", &pieces).await?;
+        let (now_us, answers) = parse_reply(&reply, &pieces)?;
         self.caller.clock.observe(now_us);
         answers
             .into_iter()

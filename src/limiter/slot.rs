@@ -15,20 +15,35 @@ use std::thread::ThreadId;
 /// One thread that decides requests (a proxy worker), and its runtime.
 pub type DecisionThread = (ThreadId, tokio::runtime::Handle);
 
-/// The proxy's worker threads, found once at start-up; a Redis store opens one connection
-/// (and one batcher) on each.
+/// The threads that decide: the proxy's workers, found once at start-up, and those of the
+/// rate-limit service's runtime (`rls`), registered before; a Redis store opens one
+/// connection (and one batcher, its *lane*) for each.
 #[derive(Default)]
-pub struct DecisionThreads(OnceLock<Vec<DecisionThread>>);
+pub struct DecisionThreads {
+    all: OnceLock<Vec<DecisionThread>>,
+    others: std::sync::Mutex<Vec<DecisionThread>>,
+}
 
 impl DecisionThreads {
-    /// Records the threads (the first call wins).
-    pub fn set(&self, threads: Vec<DecisionThread>) {
-        let _ = self.0.set(threads);
+    /// Records the proxy's threads, with the others registered so far (the first call wins).
+    pub fn set(&self, proxy: Vec<DecisionThread>) {
+        let mut all = proxy;
+        if let Ok(others) = self.others.lock() {
+            all.extend(others.iter().cloned());
+        }
+        let _ = self.all.set(all);
+    }
+
+    /// Registers threads other than the proxy's that decide (before the proxy starts).
+    pub fn add_others(&self, threads: Vec<DecisionThread>) {
+        if let Ok(mut others) = self.others.lock() {
+            others.extend(threads);
+        }
     }
 
     /// The threads, or none before the proxy started.
     pub fn get(&self) -> &[DecisionThread] {
-        self.0.get().map_or(&[], Vec::as_slice)
+        self.all.get().map_or(&[], Vec::as_slice)
     }
 }
 
@@ -82,6 +97,16 @@ pub struct StoreSlot {
 }
 
 impl StoreSlot {
+    /// The Redis URLs as they may be logged (no passwords).
+    fn logged_urls(&self) -> Vec<String> {
+        self.config
+            .redis
+            .urls
+            .iter()
+            .map(|u| crate::redact::url_without_password(u).into_owned())
+            .collect()
+    }
+
     /// Builds the store a config asks for; a Redis store is not connected yet.
     pub fn build(config: &StoreConfig) -> Result<StoreSlot, StoreError> {
         match config.kind {
@@ -124,7 +149,7 @@ impl StoreSlot {
             Ok(()) => {
                 self.set_readiness(Readiness::Ready);
                 tracing::info!(
-                    urls = ?self.config.redis.urls,
+                    urls = ?self.logged_urls(),
                     connections = threads.len() + 1,
                     "connected to Redis on every deciding thread, script loaded"
                 );
@@ -134,7 +159,7 @@ impl StoreSlot {
                 self.set_readiness(Readiness::Degraded);
                 tracing::warn!(
                     error = %e,
-                    urls = ?self.config.redis.urls,
+                    urls = ?self.logged_urls(),
                     wait_ms = wait.as_millis() as u64,
                     "Redis not ready within the start-up wait: serving degraded (decisions that \
                      cannot reach Redis use the breaker's fallback); reconnecting in the background"

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use ctx::Ctx;
 use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::modules::http::HttpModules;
 use pingora::protocols::http::authority::raw_target_authority;
 use pingora::protocols::http::HttpTask;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -137,14 +138,15 @@ fn normalize_request(
         })?),
         None => None,
     };
-    let authority = host_header
-        .map(str::to_string)
-        .or_else(|| {
-            absolute
-                .as_deref()
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-        })
-        .or_else(|| req.uri.authority().map(|a| a.as_str().to_string()));
+    let has_host_header = host_header.is_some();
+    // Borrowed where it can be: the normal host is the one String made.
+    let authority: Option<std::borrow::Cow<'_, str>> = match host_header {
+        Some(text) => Some(text.into()),
+        None => match &absolute {
+            Some(a) => Some(String::from_utf8_lossy(a)),
+            None => req.uri.authority().map(|a| a.as_str().into()),
+        },
+    };
     let host = match authority {
         Some(text) => Some(normalize::host(&text).map_err(bad_host)?),
         None if req.version == http::Version::HTTP_10 => None,
@@ -167,7 +169,7 @@ fn normalize_request(
         target.push('?');
         target.push_str(query);
     }
-    if let (Some(authority), None) = (&absolute, host_header) {
+    if let (Some(authority), false) = (&absolute, has_host_header) {
         let value = http::HeaderValue::from_bytes(authority).map_err(|_| Refusal {
             code: "bad_host",
             detail: "the request target's authority is not a valid Host".into(),
@@ -207,6 +209,9 @@ fn peer_ip(session: &Session) -> IpAddr {
         .map(|a| a.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
 }
+
+/// `X-Forwarded-For`, parsed once (a header name given as text is parsed at every lookup).
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 /// The largest unread request body the gateway reads past (and drops) after answering a request
 /// itself, to keep the connection open for the next request.
@@ -291,6 +296,12 @@ impl ProxyHttp for Gateway {
         Ctx::new(self.shared.enter())
     }
 
+    fn init_downstream_modules(&self, _modules: &mut HttpModules) {
+        // No downstream modules. Pingora's default adds its response-compression module,
+        // disabled (level 0), which the gateway never enables: it still cost a module context
+        // per request and a call in every request and response phase.
+    }
+
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
         // HTTP/1.1 pipelining (RFC 9112 §9.3.2). Pingora 0.9 leaves it off: bytes read past the
         // end of a request (the next pipelined request) then make the connection unreusable, so
@@ -351,12 +362,14 @@ impl ProxyHttp for Gateway {
         let decision = if route.limits.is_empty() {
             Decision::unlimited()
         } else {
-            let client_ip = keys::client_ip(
+            let client = keys::client_ip_and_trust(
                 peer,
-                req.headers
-                    .get_all("x-forwarded-for")
-                    .iter()
-                    .map(|v| v.as_bytes()),
+                || {
+                    req.headers
+                        .get_all(&X_FORWARDED_FOR)
+                        .iter()
+                        .map(|v| v.as_bytes())
+                },
                 &config.client_ip.trusted_proxies,
             );
             let captures = if route.needs_captures() {
@@ -364,19 +377,14 @@ impl ProxyHttp for Gateway {
             } else {
                 None
             };
-            let peer_trusted = config
-                .client_ip
-                .trusted_proxies
-                .iter()
-                .any(|net| net.contains(&keys::canonical(peer)));
             let view = RequestView {
                 method: req.method.as_str(),
                 host: host.as_deref(),
                 path,
                 query: req.uri.query(),
                 headers: &req.headers,
-                client_ip,
-                peer_trusted,
+                client_ip: client.ip,
+                peer_trusted: client.peer_trusted,
                 path_params: captures.as_ref(),
             };
             let plan = plan::plan(
@@ -384,6 +392,7 @@ impl ProxyHttp for Gateway {
                 &route.limits,
                 &view,
                 config.client_ip.ipv6_prefix,
+                &self.shared.overrides.current(),
             );
             if let Some(source) = &plan.ambiguous {
                 self.count(Some(&route), RequestDecision::BadRequest, ctx);
@@ -519,15 +528,20 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         // Like NGINX's $proxy_add_x_forwarded_for: the hops received, then the direct peer,
         // folded into one header line.
-        let mut chain = String::new();
-        for value in upstream_request.headers.get_all("x-forwarded-for") {
-            if let Ok(text) = value.to_str() {
-                chain.push_str(text);
-                chain.push_str(", ");
-            }
+        // The received values go on as their bytes (a hop that is not ASCII is passed on, as
+        // NGINX does, not dropped with the rest of the chain).
+        let mut chain: Vec<u8> = Vec::with_capacity(48);
+        for value in upstream_request.headers.get_all(&X_FORWARDED_FOR) {
+            chain.extend_from_slice(value.as_bytes());
+            chain.extend_from_slice(b", ");
         }
-        chain.push_str(&peer_ip(session).to_string());
-        upstream_request.insert_header("X-Forwarded-For", chain)?;
+        let mut peer = String::with_capacity(16);
+        keys::push_ip(peer_ip(session), &mut peer);
+        chain.extend_from_slice(peer.as_bytes());
+        let value = http::HeaderValue::from_bytes(&chain)
+            .or_else(|_| http::HeaderValue::from_str(&peer))
+            .map_err(|e| Error::because(ErrorType::InternalError, "X-Forwarded-For", e))?;
+        upstream_request.insert_header("X-Forwarded-For", value)?;
         Ok(())
     }
 

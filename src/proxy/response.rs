@@ -17,65 +17,114 @@ pub fn add_rate_limit_headers(
     decision: &Decision,
     flags: HeaderFlags,
 ) -> pingora::Result<()> {
+    each_rate_limit_header(decision, flags, |name, value| {
+        resp.insert_header(name, value).map(|_| ())
+    })
+}
+
+/// Hands each rate-limit header describing `decision` to `emit`, by name: `X-RateLimit-*` (the
+/// most restrictive limit) and the IETF `RateLimit-Policy` / `RateLimit`, as `flags` ask. The
+/// proxy writes them on responses; the rate-limit service hands them to Envoy to write.
+/// Numbers go straight into their values (no `String` per number: this runs on every limited
+/// response). Stops at the first error `emit` returns.
+pub fn each_rate_limit_header<E>(
+    decision: &Decision,
+    flags: HeaderFlags,
+    mut emit: impl FnMut(&'static str, http::HeaderValue) -> Result<(), E>,
+) -> Result<(), E> {
     if decision.statuses.is_empty() {
         return Ok(());
     }
     if flags.legacy {
         if let Some(s) = decision.most_restrictive() {
-            resp.insert_header("X-RateLimit-Limit", s.policy.burst.to_string())?;
-            resp.insert_header("X-RateLimit-Remaining", s.outcome.remaining.to_string())?;
-            resp.insert_header(
-                "X-RateLimit-Reset",
-                ceil_secs(s.outcome.reset_ns).to_string(),
-            )?;
+            emit("X-RateLimit-Limit", s.policy.burst.into())?;
+            emit("X-RateLimit-Remaining", s.outcome.remaining.into())?;
+            emit("X-RateLimit-Reset", ceil_secs(s.outcome.reset_ns).into())?;
         }
     }
     if flags.ietf {
-        resp.insert_header("RateLimit-Policy", ietf_policy(decision))?;
-        resp.insert_header("RateLimit", ietf_state(decision))?;
+        // Limit names are validated ASCII (`[A-Za-z0-9._-]`): the lists are valid values.
+        for (name, list) in [
+            ("RateLimit-Policy", ietf_policy(decision)),
+            ("RateLimit", ietf_state(decision)),
+        ] {
+            if let Ok(value) = http::HeaderValue::try_from(list) {
+                emit(name, value)?;
+            }
+        }
     }
     Ok(())
 }
 
+/// Appends `n` in decimal.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
+}
+
+/// Appends one IETF list member: `"NAME";A=X;B=Y`.
+fn push_member(out: &mut String, name: &str, a: &str, x: u64, b: &str, y: u64) {
+    out.push('"');
+    out.push_str(name);
+    out.push_str("\";");
+    out.push_str(a);
+    out.push('=');
+    push_u64(out, x);
+    out.push(';');
+    out.push_str(b);
+    out.push('=');
+    push_u64(out, y);
+}
+
+/// Room for one member with short numbers, so a value is allocated once.
+fn ietf_capacity(decision: &Decision) -> usize {
+    decision
+        .statuses
+        .iter()
+        .map(|s| s.name.len() + 24)
+        .sum::<usize>()
+}
+
 /// `"per-ip";q=20;w=2, "per-key";q=100;w=60`
 pub fn ietf_policy(decision: &Decision) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(ietf_capacity(decision));
     for (i, s) in decision.statuses.iter().enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
-        let _ = write!(
-            out,
-            "\"{}\";q={};w={}",
-            s.name,
-            s.policy.burst,
-            s.policy.window_secs()
-        );
+        let w = s.algorithm.window_secs(&s.policy);
+        push_member(&mut out, &s.name, "q", s.policy.burst, "w", w);
     }
     out
 }
 
 /// `"per-ip";r=7;t=1, "per-key";r=99;t=1`
 pub fn ietf_state(decision: &Decision) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(ietf_capacity(decision));
     for (i, s) in decision.statuses.iter().enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
-        let _ = write!(
-            out,
-            "\"{}\";r={};t={}",
-            s.name,
-            s.outcome.remaining,
-            ceil_secs(s.outcome.next_token_ns)
-        );
+        let t = ceil_secs(s.outcome.next_token_ns);
+        push_member(&mut out, &s.name, "r", s.outcome.remaining, "t", t);
     }
     out
 }
 
 /// Whole seconds to wait: the wait rounded up, never earlier than the violated limits' `t`,
 /// and at least 1. `None` when no wait makes the request pass (its cost exceeds a limit's
-/// capacity): such a 429 carries no `Retry-After`.
+/// capacity, or a runtime override blocks its key): such a 429 carries no `Retry-After`.
 pub fn retry_after_secs(decision: &Decision) -> Option<u64> {
     if decision.retry_after() == RetryAfter::Never {
         return None;
@@ -92,12 +141,19 @@ pub fn retry_after_secs(decision: &Decision) -> Option<u64> {
 
 /// Why a request can never pass, for the problem `detail`.
 fn capacity_detail(decision: &Decision) -> Option<String> {
-    let mut parts = decision.exceeds_capacity.iter().map(|e| {
-        format!(
-            "cost {} exceeds the capacity {} of limit \"{}\": it can never be admitted",
-            e.cost, e.capacity, e.limit
-        )
+    let blocked = decision.blocked.iter().map(|l| {
+        format!("limit \"{l}\" blocks this key (a runtime override): it is never admitted")
     });
+    let mut parts = decision
+        .exceeds_capacity
+        .iter()
+        .map(|e| {
+            format!(
+                "cost {} exceeds the capacity {} of limit \"{}\": it can never be admitted",
+                e.cost, e.capacity, e.limit
+            )
+        })
+        .chain(blocked);
     let first = parts.next()?;
     Some(parts.fold(first, |all, p| all + "; " + &p))
 }
@@ -239,6 +295,7 @@ mod tests {
     fn status(name: &str, burst: u64, remaining: u64, allowed: bool) -> LimitStatus {
         LimitStatus {
             name: Arc::from(name),
+            algorithm: crate::limiter::Algorithm::TokenBucket,
             policy: Policy {
                 rate: Rate::parse("10/s").unwrap_or_else(|e| panic!("{e}")),
                 burst,
@@ -250,6 +307,15 @@ mod tests {
                 retry_ns: if allowed { 0 } else { 1_200_000_000 },
                 next_token_ns: 100_000_000,
             },
+        }
+    }
+
+    #[test]
+    fn numbers_are_written_as_display_writes_them() {
+        for n in [0, 1, 9, 10, 99, 100, 1_000_000, 18_446_744_073_709_551_615] {
+            let mut out = String::from("x");
+            push_u64(&mut out, n);
+            assert_eq!(out, format!("x{n}"));
         }
     }
 
@@ -289,6 +355,7 @@ mod tests {
             violated: vec![],
             retry_after_ns: 0,
             exceeds_capacity: vec![],
+            blocked: vec![],
         };
         assert_eq!(
             ietf_policy(&d),
@@ -309,6 +376,7 @@ mod tests {
             violated: vec![Arc::from("per-ip")],
             retry_after_ns: 1_200_000_000,
             exceeds_capacity: vec![],
+            blocked: vec![],
         };
         assert_eq!(retry_after_secs(&d), Some(2));
         let body: serde_json::Value =
@@ -332,6 +400,7 @@ mod tests {
                 cost: u64::MAX,
                 capacity: 20,
             }],
+            blocked: vec![],
         };
         assert_eq!(retry_after_secs(&d), None);
         let (resp, body) = too_many_requests(

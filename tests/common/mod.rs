@@ -18,13 +18,30 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago and that no other call in this test process has
+/// returned.
+///
+/// Not the kernel's `bind(:0)`: a port it hands out and the test releases (to write it into a
+/// config) can be handed out again, to the next gateway of a test running in parallel, or to
+/// the same gateway's admin listener, before the first one binds it; the loser then runs without
+/// its listener (a test that failed in CI this way). Ports come instead from 10000-19999, below
+/// the kernel's ephemeral range (32768 and up, so no outgoing connection takes one) and below
+/// the Cluster nodes' ports (see `redis::cluster_port`), walked from a start that differs per
+/// process, each checked free before it is returned and never returned twice by one process.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .expect("bind :0")
-        .local_addr()
-        .expect("local addr")
-        .port()
+    use std::sync::atomic::AtomicU32;
+    const FIRST: u32 = 10_000;
+    const COUNT: u32 = 10_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7919) % COUNT;
+    for _ in 0..COUNT {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (start + n) % COUNT) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {FIRST}..{}", FIRST + COUNT);
 }
 
 /// Waits for `cond` with a deadline; panics with `what` if it never holds.
@@ -65,12 +82,12 @@ async fn serve(std_listener: StdListener, counter: Arc<AtomicUsize>) {
                             .unwrap_or(1000);
                         tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
+                    // Bytes that are not UTF-8 show as U+FFFD.
                     let xff = req
                         .headers()
                         .get("x-forwarded-for")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_string();
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default();
                     let host = req
                         .headers()
                         .get("host")
@@ -134,22 +151,31 @@ pub fn bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_tollgate")))
 }
 
-/// Writes `yaml` to a temp dir with `{PROXY}`, `{ADMIN}` and `{UPSTREAM}` replaced by free
-/// proxy and admin ports and `upstream`.
-fn write_config(
-    yaml: &str,
-    upstream: SocketAddr,
-) -> (SocketAddr, SocketAddr, tempfile::TempDir, PathBuf) {
-    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+/// Writes `yaml` to a temp dir with `{PROXY}`, `{ADMIN}`, `{RLS}` and `{UPSTREAM}` replaced by
+/// free proxy, admin and rate-limit-service ports and `upstream`.
+fn write_config(yaml: &str, upstream: SocketAddr) -> (Addrs, tempfile::TempDir, PathBuf) {
+    let addrs = Addrs {
+        proxy: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        rls: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+    };
     let text = yaml
-        .replace("{PROXY}", &proxy.to_string())
-        .replace("{ADMIN}", &admin.to_string())
+        .replace("{PROXY}", &addrs.proxy.to_string())
+        .replace("{ADMIN}", &addrs.admin.to_string())
+        .replace("{RLS}", &addrs.rls.to_string())
         .replace("{UPSTREAM}", &upstream.to_string());
     let dir = tempfile::tempdir().expect("tempdir");
     let config_path = dir.path().join("gateway.yaml");
     std::fs::write(&config_path, text).expect("write config");
-    (proxy, admin, dir, config_path)
+    (addrs, dir, config_path)
+}
+
+/// The addresses a gateway's config was given.
+struct Addrs {
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    /// `{RLS}` (`rls.listen`); unused unless the config has it.
+    rls: SocketAddr,
 }
 
 /// The gateway binary running a config; killed on drop if still running.
@@ -157,13 +183,16 @@ pub struct Gateway {
     pub child: Child,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
+    /// The address `{RLS}` stood for (the rate-limit service's, when the config has one).
+    pub rls: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
 }
 
 impl Gateway {
-    /// Starts the gateway on `yaml`, in which `{PROXY}`, `{ADMIN}` and `{UPSTREAM}` are replaced
-    /// by free proxy and admin ports and the given upstream address. Waits for `/ready`.
+    /// Starts the gateway on `yaml`, in which `{PROXY}`, `{ADMIN}`, `{RLS}` and `{UPSTREAM}` are
+    /// replaced by free proxy, admin and RLS ports and the given upstream address. Waits for
+    /// `/ready`.
     pub async fn start(yaml: &str, upstream: SocketAddr) -> Gateway {
         Gateway::start_with(yaml, upstream, &[]).await
     }
@@ -180,22 +209,23 @@ impl Gateway {
         wrapper: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
-        let (proxy, admin, dir, config_path) = write_config(yaml, upstream);
-        Gateway::launch(proxy, admin, dir, config_path, wrapper, env).await
+        let (addrs, dir, config_path) = write_config(yaml, upstream);
+        Gateway::launch(addrs, dir, config_path, wrapper, env).await
     }
 
     /// Runs the gateway on `yaml` and returns at once, waiting for nothing.
     pub fn spawn_now(yaml: &str, upstream: SocketAddr) -> Gateway {
-        let (proxy, admin, dir, config_path) = write_config(yaml, upstream);
-        Gateway::spawn(proxy, admin, dir, config_path, &[], &[])
+        let (addrs, dir, config_path) = write_config(yaml, upstream);
+        Gateway::spawn(addrs, dir, config_path, &[], &[])
     }
 
     /// As [`Gateway::start`], but returns as soon as the proxy port accepts a connection,
     /// without waiting for `/ready`: traffic arrives the moment the listener opens, as a load
     /// balancer's would.
     pub async fn start_hot(yaml: &str, upstream: SocketAddr) -> Gateway {
-        let (proxy, admin, dir, config_path) = write_config(yaml, upstream);
-        let gw = Gateway::spawn(proxy, admin, dir, config_path, &[], &[]);
+        let (addrs, dir, config_path) = write_config(yaml, upstream);
+        let proxy = addrs.proxy;
+        let gw = Gateway::spawn(addrs, dir, config_path, &[], &[]);
         wait_until(
             "the proxy listener",
             Duration::from_secs(20),
@@ -208,22 +238,20 @@ impl Gateway {
     /// Runs the binary on `config_path` (under `wrapper`, with `env`), logging into `dir`,
     /// and waits for `/ready`.
     async fn launch(
-        proxy: SocketAddr,
-        admin: SocketAddr,
+        addrs: Addrs,
         dir: tempfile::TempDir,
         config_path: PathBuf,
         wrapper: &[&str],
         env: &[(&str, &str)],
     ) -> Gateway {
-        let gw = Gateway::spawn(proxy, admin, dir, config_path, wrapper, env);
+        let gw = Gateway::spawn(addrs, dir, config_path, wrapper, env);
         gw.wait_ready().await;
         gw
     }
 
     /// Runs the binary on `config_path` (under `wrapper`, with `env`), logging into `dir`.
     fn spawn(
-        proxy: SocketAddr,
-        admin: SocketAddr,
+        addrs: Addrs,
         dir: tempfile::TempDir,
         config_path: PathBuf,
         wrapper: &[&str],
@@ -253,8 +281,9 @@ impl Gateway {
             .expect("spawn tollgate");
         Gateway {
             child,
-            proxy,
-            admin,
+            proxy: addrs.proxy,
+            admin: addrs.admin,
+            rls: addrs.rls,
             dir,
             config_path,
         }
@@ -270,10 +299,13 @@ impl Gateway {
             let end = rest[start..].find('"').expect("quote") + start;
             rest[start..end].parse().expect("socket address")
         };
-        let proxy = find("listen:");
-        let admin = find("admin:");
+        let addrs = Addrs {
+            proxy: find("listen:"),
+            admin: find("admin:"),
+            rls: "127.0.0.1:0".parse().unwrap(),
+        };
         let dir = tempfile::tempdir().expect("tempdir");
-        Gateway::launch(proxy, admin, dir, config_path.to_path_buf(), &[], &[]).await
+        Gateway::launch(addrs, dir, config_path.to_path_buf(), &[], &[]).await
     }
 
     pub async fn wait_ready(&self) {
@@ -355,6 +387,21 @@ impl Drop for Gateway {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts a gateway (as [`Gateway::start`]) whose `yaml` may also hold `{RLS}`, replaced by a
+/// free loopback address for `rls.listen`; returns it and that address once the rate-limit
+/// service accepts connections.
+pub async fn start_rls_gateway(yaml: &str, upstream: SocketAddr) -> (Gateway, SocketAddr) {
+    let rls: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw = Gateway::start(&yaml.replace("{RLS}", &rls.to_string()), upstream).await;
+    wait_until(
+        "the rate-limit service's listener",
+        Duration::from_secs(20),
+        || async move { tokio::net::TcpStream::connect(rls).await.is_ok() },
+    )
+    .await;
+    (gw, rls)
 }
 
 /// A client that connects from a given loopback source address (127.0.0.x are all local).

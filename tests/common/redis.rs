@@ -83,6 +83,17 @@ impl RedisProcess {
         panic!("redis on port {} did not answer PING", self.port);
     }
 
+    /// A standalone server listening on IPv6 loopback (`::1`) as well.
+    pub fn standalone_dual_stack() -> RedisProcess {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = base_args(port);
+        if let Some(bind) = args.iter_mut().find(|a| *a == "127.0.0.1") {
+            *bind = "127.0.0.1 ::1".to_string();
+        }
+        RedisProcess::spawn(port, dir, args)
+    }
+
     /// A standalone server with persistence off.
     pub fn standalone() -> RedisProcess {
         let port = free_port();
