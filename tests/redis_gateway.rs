@@ -8,7 +8,7 @@ use common::redis::{RedisCluster, RedisProcess, RedisSentinels};
 use common::{client, header, wait_until, Gateway, Upstream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn redis_yaml(store: &str, routes: &str) -> String {
     format!(
@@ -452,6 +452,12 @@ async fn client_values_are_never_spliced_raw_into_redis_keys() {
 /// its token, as the bucket read back from Redis shows. Default `timeout_ms` (20); a batch
 /// window of 2 ms, so that how many share a call does not hang on how fast Redis answers
 /// (without lanes each check is one call whatever the window).
+///
+/// On a starved machine (CI runs this file's tests side by side on 2 cores) some decisions
+/// miss the 20 ms and five misses open the breaker, after which checks are decided locally.
+/// That is the designed behaviour, not what this test is about: a round where Redis decided
+/// fewer than 3 in 4 is not counted for batching (its bucket must still be exact), the breaker
+/// is let close, and the round is tried again, up to 20 rounds for 5 counted ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_admin_checks_share_script_calls() {
     let redis = RedisProcess::standalone();
@@ -480,13 +486,25 @@ async fn concurrent_admin_checks_share_script_calls() {
     };
     // Every connection open and warm.
     check("warm-up".into()).await;
-    let before = redis.evalsha_calls();
     let mut by_redis = Vec::new();
-    let mut calls = 0;
-    for round in 0..5 {
+    let (mut counted_rounds, mut counted_checks, mut counted_scripts) = (0, 0u64, 0u64);
+    for round in 0..20 {
+        if counted_rounds == 5 {
+            break;
+        }
+        // The breaker closed (a lone check is Redis's) before the round starts.
+        let probe = Instant::now();
+        while check(format!("probe{round}")).await["decided_by"] != "redis" {
+            assert!(
+                probe.elapsed() < Duration::from_secs(10),
+                "Redis never decided again"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let user = format!("u{round}");
+        let before = redis.evalsha_calls();
         let answers = futures::future::join_all((0..40).map(|_| check(user.clone()))).await;
-        calls += answers.len();
+        let scripts = redis.evalsha_calls() - before;
         let mut decided = 0u64;
         for a in &answers {
             assert_eq!(a["allowed"], true, "{a}");
@@ -494,28 +512,44 @@ async fn concurrent_admin_checks_share_script_calls() {
                 decided += 1;
             }
         }
+        if decided * 4 >= 40 * 3 {
+            counted_rounds += 1;
+            counted_checks += decided;
+            counted_scripts += scripts;
+        }
         by_redis.push((user, decided));
     }
-    let scripts = redis.evalsha_calls() - before;
-    let decided: u64 = by_redis.iter().map(|(_, n)| n).sum();
-    assert!(
-        decided as usize * 4 >= calls * 3,
-        "only {decided} of {calls} checks decided by Redis"
+    assert_eq!(
+        counted_rounds, 5,
+        "Redis decided 3 in 4 of 40 concurrent checks in only {counted_rounds} of 20 rounds: {by_redis:?}"
     );
     assert!(
-        scripts * 2 < decided,
-        "{scripts} script calls for {decided} concurrent checks decided by Redis: not batched"
+        counted_scripts * 2 < counted_checks,
+        "{counted_scripts} script calls for {counted_checks} concurrent checks decided by Redis: not batched"
     );
+    // Exact, counted round or not: a check Redis decided took one token, and a charge that
+    // came back after its decision had been given up is refunded (asynchronously, hence the
+    // wait).
     for (user, n) in by_redis {
-        let peek: serde_json::Value = c
-            .get(gw.admin_url(&format!("/v1/limits/r/per-user?key={user}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(peek["tokens"], 1000 - n, "{user}: {peek}");
+        let waited = Instant::now();
+        loop {
+            let peek: serde_json::Value = c
+                .get(gw.admin_url(&format!("/v1/limits/r/per-user?key={user}")))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if peek["tokens"] == 1000 - n {
+                break;
+            }
+            assert!(
+                waited.elapsed() < Duration::from_secs(3),
+                "{user}: {n} decided by Redis, {peek}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }
 
