@@ -6,6 +6,8 @@ use prometheus::{
     Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// What became of a request, as the `decision` label of `tollgate_requests_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,6 +126,50 @@ pub struct Metrics {
     pub override_changes: IntCounterVec,
     /// Runtime overrides held (as this instance last loaded them).
     pub overrides_held: IntGauge,
+    /// Requests Redis charged after their decision had been given up (and that were refunded),
+    /// counted by every Redis store this process builds (a reload's new store adds to it).
+    pub redis_late_refunds: Arc<AtomicU64>,
+}
+
+/// A counter whose value is read from an atomic at scrape time: the Redis store counts into
+/// the atomic without knowing about Prometheus, and stores swapped in by reloads share it.
+struct PulledCounter {
+    desc: prometheus::core::Desc,
+    value: Arc<AtomicU64>,
+}
+
+impl PulledCounter {
+    fn new(name: &str, help: &str, value: Arc<AtomicU64>) -> prometheus::Result<PulledCounter> {
+        Ok(PulledCounter {
+            desc: prometheus::core::Desc::new(
+                name.into(),
+                help.into(),
+                Vec::new(),
+                Default::default(),
+            )?,
+            value,
+        })
+    }
+}
+
+impl prometheus::core::Collector for PulledCounter {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut counter = prometheus::proto::Counter::default();
+        // Counts stay far below 2^53: exact as a double.
+        counter.set_value(self.value.load(Ordering::Relaxed) as f64);
+        let mut family = prometheus::proto::MetricFamily::default();
+        family.set_name(self.desc.fq_name.clone());
+        family.set_help(self.desc.help.clone());
+        family.set_field_type(prometheus::proto::MetricType::COUNTER);
+        let mut metric = prometheus::proto::Metric::default();
+        metric.set_counter(counter);
+        family.set_metric(vec![metric]);
+        vec![family]
+    }
 }
 
 fn fail(e: prometheus::Error) -> String {
@@ -251,8 +297,17 @@ impl Metrics {
             "Runtime overrides held, as this instance last loaded them",
         )
         .map_err(fail)?;
+        let redis_late_refunds = Arc::new(AtomicU64::new(0));
+        let late_refunds_counter = PulledCounter::new(
+            "tollgate_redis_late_refunds_total",
+            "Requests Redis charged after the gateway had given up on the reply (past \
+             timeout_ms, decided by the fallback instead), and refunded",
+            redis_late_refunds.clone(),
+        )
+        .map_err(fail)?;
         for c in [
-            Box::new(rls_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(late_refunds_counter) as Box<dyn prometheus::core::Collector>,
+            Box::new(rls_requests.clone()),
             Box::new(override_changes.clone()),
             Box::new(overrides_held.clone()),
             Box::new(runtime_tasks.clone()),
@@ -305,6 +360,7 @@ impl Metrics {
             rls_requests,
             override_changes,
             overrides_held,
+            redis_late_refunds,
         })
     }
 

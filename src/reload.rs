@@ -144,7 +144,10 @@ impl Reloader {
         };
         if config.store != self.shared.store().config {
             // Build the slot, connect it, swap it in, close the old one later.
-            let slot = match StoreSlot::build(&config.store) {
+            let slot = match StoreSlot::build(
+                &config.store,
+                &self.shared.metrics.redis_late_refunds,
+            ) {
                 Ok(slot) => slot,
                 Err(e) => {
                     tracing::error!(error = %e, "config reload rejected: cannot build the new store");

@@ -50,7 +50,7 @@ pub struct RunOptions {
 /// Builds the shared state for a config: store, metrics.
 pub fn build_shared(config: Config) -> Result<Arc<Shared>, ServerError> {
     let metrics = Arc::new(Metrics::new().map_err(ServerError::Metrics)?);
-    let store = StoreSlot::build(&config.store)?;
+    let store = StoreSlot::build(&config.store, &metrics.redis_late_refunds)?;
     Ok(Shared::new(config, store, metrics))
 }
 

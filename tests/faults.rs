@@ -413,3 +413,99 @@ async fn allow_and_deny_fallbacks() {
         "{body}"
     );
 }
+
+/// A reply delayed in transit past the default `timeout_ms` (20): Redis charged the request,
+/// the gateway had answered it from the fallback. The charge is refunded and counted in
+/// `tollgate_redis_late_refunds_total`, and another instance on the same Redis (not behind the
+/// delay) then finds the bucket whole: exactly the burst, not the burst minus the late ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_replies_are_refunded_and_counted() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let yaml = |redis: SocketAddr| {
+        format!(
+            r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+store: {{ kind: redis, redis: {{ urls: ["redis://{redis}"] }} }}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes:
+  - {{ name: r, upstream: app, limits: [ {{ name: per-client, key: ["header:x-client"], rate: "1/h", burst: 5 }} ] }}
+"#
+        )
+    };
+    let slow = Gateway::start(&yaml(relay.addr), up.addr).await;
+    let direct = Gateway::start(
+        &yaml(format!("127.0.0.1:{}", redis.port).parse().unwrap()),
+        up.addr,
+    )
+    .await;
+    relay.set_reply_delay(60);
+    let c = client();
+    for _ in 0..3 {
+        let s = c
+            .get(slow.url("/"))
+            .header("x-client", "late")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(s, 200);
+    }
+    relay.set_reply_delay(0);
+    let late = || async {
+        slow.metric("tollgate_redis_late_refunds_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    // Each of the 3 was charged and refunded late, or (both of a lane's two calls in flight
+    // still waiting for their delayed replies) never sent before its deadline: never charged.
+    let waited = Instant::now();
+    while late().await < 1.0 && waited.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counted = late().await;
+    assert!(
+        (1.0..=3.0).contains(&counted),
+        "{counted} late refunds counted"
+    );
+    assert_eq!(
+        direct
+            .metric("tollgate_redis_late_refunds_total")
+            .await
+            .unwrap_or(-1.0),
+        0.0
+    );
+    // The refunds land (their own replies come through the relay too): the bucket is whole.
+    let waited = Instant::now();
+    loop {
+        let peek: serde_json::Value = c
+            .get(direct.admin_url("/v1/limits/r/per-client?key=late"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if peek["tokens"] == 5 {
+            break;
+        }
+        assert!(waited.elapsed() < Duration::from_secs(5), "{peek}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut admitted = 0;
+    for _ in 0..8 {
+        let s = c
+            .get(direct.url("/"))
+            .header("x-client", "late")
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if s == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5, "the bucket is whole again after the refunds");
+}

@@ -457,6 +457,13 @@ impl RedisStore {
         lock(&self.lanes).len()
     }
 
+    /// Counts late refunds into `counter` (shared with the metrics, and with the stores
+    /// reloads build) instead of a counter of the store's own.
+    pub fn count_late_refunds_in(mut self, counter: Arc<AtomicU64>) -> RedisStore {
+        self.caller.refunded = counter;
+        self
+    }
+
     /// Requests refunded since start because a reply charged them after their caller had
     /// given up (the deadline passed in transit).
     pub fn late_refunds(&self) -> u64 {

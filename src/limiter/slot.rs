@@ -8,7 +8,7 @@ use super::memory::MemoryStore;
 use super::redis::RedisStore;
 use super::settings::{StoreConfig, StoreKindConfig};
 use super::{Store, StoreError};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::ThreadId;
 
@@ -107,8 +107,12 @@ impl StoreSlot {
             .collect()
     }
 
-    /// Builds the store a config asks for; a Redis store is not connected yet.
-    pub fn build(config: &StoreConfig) -> Result<StoreSlot, StoreError> {
+    /// Builds the store a config asks for; a Redis store is not connected yet, and counts the
+    /// requests it refunds late into `late_refunds`.
+    pub fn build(
+        config: &StoreConfig,
+        late_refunds: &Arc<AtomicU64>,
+    ) -> Result<StoreSlot, StoreError> {
         match config.kind {
             StoreKindConfig::Memory => {
                 let memory = Arc::new(MemoryStore::new(
@@ -124,7 +128,9 @@ impl StoreSlot {
                 })
             }
             StoreKindConfig::Redis => {
-                let redis = Arc::new(RedisStore::new(&config.redis)?);
+                let redis = Arc::new(
+                    RedisStore::new(&config.redis)?.count_late_refunds_in(late_refunds.clone()),
+                );
                 Ok(StoreSlot {
                     store: redis.clone(),
                     memory: None,

@@ -48,7 +48,7 @@ pub fn each_rate_limit_header<E>(
             ("RateLimit-Policy", ietf_policy(decision)),
             ("RateLimit", ietf_state(decision)),
         ] {
-            if let Ok(value) = http::HeaderValue::try_from(list) {
+            if let Ok(value) = http::HeaderValue::from_maybe_shared(Bytes::from(list)) {
                 emit(name, value)?;
             }
         }
@@ -57,7 +57,7 @@ pub fn each_rate_limit_header<E>(
 }
 
 /// Appends `n` in decimal.
-fn push_u64(out: &mut String, mut n: u64) {
+fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
@@ -68,22 +68,16 @@ fn push_u64(out: &mut String, mut n: u64) {
             break;
         }
     }
-    for &d in &digits[at..] {
-        out.push(char::from(d));
-    }
+    out.extend_from_slice(&digits[at..]);
 }
 
 /// Appends one IETF list member: `"NAME";A=X;B=Y`.
-fn push_member(out: &mut String, name: &str, a: &str, x: u64, b: &str, y: u64) {
-    out.push('"');
-    out.push_str(name);
-    out.push_str("\";");
-    out.push_str(a);
-    out.push('=');
+fn push_member(out: &mut Vec<u8>, name: &str, a: u8, x: u64, b: u8, y: u64) {
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&[b'"', b';', a, b'=']);
     push_u64(out, x);
-    out.push(';');
-    out.push_str(b);
-    out.push('=');
+    out.extend_from_slice(&[b';', b, b'=']);
     push_u64(out, y);
 }
 
@@ -96,28 +90,30 @@ fn ietf_capacity(decision: &Decision) -> usize {
         .sum::<usize>()
 }
 
-/// `"per-ip";q=20;w=2, "per-key";q=100;w=60`
-pub fn ietf_policy(decision: &Decision) -> String {
-    let mut out = String::with_capacity(ietf_capacity(decision));
+/// `"per-ip";q=20;w=2, "per-key";q=100;w=60`, as bytes (ASCII: limit names are validated
+/// `[A-Za-z0-9._-]`). Bytes, not a `String`: this runs on every limited response, and a
+/// `String` pushes (and checks) one `char` at a time.
+pub fn ietf_policy(decision: &Decision) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ietf_capacity(decision));
     for (i, s) in decision.statuses.iter().enumerate() {
         if i > 0 {
-            out.push_str(", ");
+            out.extend_from_slice(b", ");
         }
         let w = s.algorithm.window_secs(&s.policy);
-        push_member(&mut out, &s.name, "q", s.policy.burst, "w", w);
+        push_member(&mut out, &s.name, b'q', s.policy.burst, b'w', w);
     }
     out
 }
 
-/// `"per-ip";r=7;t=1, "per-key";r=99;t=1`
-pub fn ietf_state(decision: &Decision) -> String {
-    let mut out = String::with_capacity(ietf_capacity(decision));
+/// `"per-ip";r=7;t=1, "per-key";r=99;t=1`, as bytes (see `ietf_policy`).
+pub fn ietf_state(decision: &Decision) -> Vec<u8> {
+    let mut out = Vec::with_capacity(ietf_capacity(decision));
     for (i, s) in decision.statuses.iter().enumerate() {
         if i > 0 {
-            out.push_str(", ");
+            out.extend_from_slice(b", ");
         }
         let t = ceil_secs(s.outcome.next_token_ns);
-        push_member(&mut out, &s.name, "r", s.outcome.remaining, "t", t);
+        push_member(&mut out, &s.name, b'r', s.outcome.remaining, b't', t);
     }
     out
 }
@@ -313,9 +309,9 @@ mod tests {
     #[test]
     fn numbers_are_written_as_display_writes_them() {
         for n in [0, 1, 9, 10, 99, 100, 1_000_000, 18_446_744_073_709_551_615] {
-            let mut out = String::from("x");
+            let mut out = b"x".to_vec();
             push_u64(&mut out, n);
-            assert_eq!(out, format!("x{n}"));
+            assert_eq!(out, format!("x{n}").into_bytes());
         }
     }
 
@@ -359,9 +355,9 @@ mod tests {
         };
         assert_eq!(
             ietf_policy(&d),
-            "\"per-ip\";q=20;w=2, \"per-key\";q=100;w=10"
+            b"\"per-ip\";q=20;w=2, \"per-key\";q=100;w=10"
         );
-        assert_eq!(ietf_state(&d), "\"per-ip\";r=7;t=1, \"per-key\";r=50;t=1");
+        assert_eq!(ietf_state(&d), b"\"per-ip\";r=7;t=1, \"per-key\";r=50;t=1");
         assert_eq!(d.most_restrictive().map(|s| &*s.name), Some("per-ip"));
     }
 

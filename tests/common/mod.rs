@@ -424,10 +424,12 @@ pub fn header(resp: &reqwest::Response, name: &str) -> String {
         .to_string()
 }
 
-/// A TCP relay on loopback that can add latency to every chunk it forwards (a slow Redis).
+/// A TCP relay on loopback that can add latency to every chunk it forwards (a slow Redis), or
+/// only to what comes back (a reply delayed in transit, after Redis has acted on the call).
 pub struct Relay {
     pub addr: SocketAddr,
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    reply_delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Relay {
@@ -436,7 +438,8 @@ impl Relay {
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("addr");
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let delay = delay_ms.clone();
+        let reply_delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (delay, reply_delay) = (delay_ms.clone(), reply_delay_ms.clone());
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -448,7 +451,7 @@ impl Relay {
                     let Ok((inbound, _)) = listener.accept().await else {
                         continue;
                     };
-                    let delay = delay.clone();
+                    let (delay, reply_delay) = (delay.clone(), reply_delay.clone());
                     tokio::spawn(async move {
                         let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                             return;
@@ -456,25 +459,34 @@ impl Relay {
                         let (ri, wi) = inbound.into_split();
                         let (ro, wo) = outbound.into_split();
                         tokio::select! {
-                            _ = pump(ri, wo, delay.clone()) => {}
-                            _ = pump(ro, wi, delay) => {}
+                            _ = pump(ri, wo, vec![delay.clone()]) => {}
+                            _ = pump(ro, wi, vec![delay, reply_delay]) => {}
                         }
                     });
                 }
             });
         });
-        Relay { addr, delay_ms }
+        Relay {
+            addr,
+            delay_ms,
+            reply_delay_ms,
+        }
     }
 
     pub fn set_delay(&self, ms: u64) {
         self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Delays only what the target sends back.
+    pub fn set_reply_delay(&self, ms: u64) {
+        self.reply_delay_ms.store(ms, Ordering::SeqCst);
     }
 }
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
-    delay: Arc<std::sync::atomic::AtomicU64>,
+    delays: Vec<Arc<std::sync::atomic::AtomicU64>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -483,7 +495,7 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let ms = delay.load(Ordering::SeqCst);
+        let ms: u64 = delays.iter().map(|d| d.load(Ordering::SeqCst)).sum();
         if ms > 0 {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
