@@ -24,9 +24,14 @@ ARGV[4]   P, the number of distinct policies the call's buckets use; then P poli
                      caller has given up and used the fallback): 0 for none. In "refund"
                      mode: the refund's id (0: none); a refund whose id was already applied
                      to a bucket (marker key `{bucket key}#refund:{id}`, kept 10 min) is skipped
-            charged  only in "refund" mode: the Redis TIME second at which the refunded
-                     charge was made (a window refund goes back to the window it was charged
-                     in)
+            charged  only in "refund" mode: the Redis TIME in microseconds of the call that
+                     made the refunded charge (a window refund goes back to the window it was
+                     charged in)
+            debt     only in "refund" mode: a token bucket's debt (ns) right after that
+                     charge, so the charge's tat is `charged` + `debt`. Only what the charge
+                     still holds now (that tat minus now, at most cost * interval_ns) is given
+                     back: once the bucket has refilled past it, time has paid the charge off,
+                     and giving it back would erase a later request's charge (0 for windows)
             then one argument per bucket: "P" (its policy's position in the list above, from
             1, and cost 1) or "P*C" (cost C; the caller sends at most burst + 1: any cost
             above the burst can never fit)
@@ -286,10 +291,14 @@ for _ = 1, decisions do
   local n = small[argv[arg]]
   local deadline = argv[arg + 1]
   local refund_id = deadline
-  local charged_s = 0
+  local charged_s, held = 0, 0
   if refunding then
-    charged_s = small[argv[arg + 2]]
-    arg = arg + 1
+    local charged_us = tonumber(argv[arg + 2])
+    charged_s = idiv(charged_us, 1000000)
+    -- ns the charge still holds: its tat (charged + debt) minus now. Exact: both sides in
+    -- microseconds are below 2^53, and their difference is small.
+    held = tonumber(argv[arg + 3]) - ((now_s * 1000000 + now_ns / 1000) - charged_us) * 1000
+    arg = arg + 2
   end
   arg = arg + 2
   if refunding then
@@ -308,10 +317,15 @@ for _ = 1, decisions do
         local debt = stored_debt(k, policy)
         if first and debt > 0 then
           local back = cost * interval
+          if back > held then
+            back = held
+          end
           if back > debt then
             back = debt
           end
-          store(k, debt - back, policy)
+          if back > 0 then
+            store(k, debt - back, policy)
+          end
         end
       elseif first then
         -- Back to the window the charge was made in, if it still counts.

@@ -301,7 +301,8 @@ impl Metrics {
         let late_refunds_counter = PulledCounter::new(
             "tollgate_redis_late_refunds_total",
             "Requests Redis charged after the gateway had given up on the reply (past \
-             timeout_ms, decided by the fallback instead), and refunded",
+             timeout_ms, decided by the fallback instead); each charge is given back, as much \
+             of it as the bucket still holds",
             redis_late_refunds.clone(),
         )
         .map_err(fail)?;

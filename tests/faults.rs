@@ -509,3 +509,79 @@ routes:
     }
     assert_eq!(admitted, 5, "the bucket is whole again after the refunds");
 }
+
+/// A late refund gives back only what its charge still holds (hostile review). L, through a
+/// gateway whose replies come back 700 ms late, is charged at once (2/s, burst 1: its token
+/// refills 500 ms later) but answered by the fallback. The bucket refills past L; another
+/// instance admits B1; then L's reply lands and is refunded. Time had already paid L off: had
+/// its token been given back, B2 (within 500 ms of B1) would pass too, two tokens in 500 ms
+/// where the limit allows one. Default `timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_refund_never_gives_back_a_token_time_already_returned() {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let yaml = |redis: SocketAddr| {
+        format!(
+            r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+store: {{ kind: redis, redis: {{ urls: ["redis://{redis}"] }} }}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes:
+  - {{ name: r, upstream: app, limits: [ {{ name: per-client, key: ["header:x-client"], rate: "2/s", burst: 1 }} ] }}
+"#
+        )
+    };
+    let slow = Gateway::start(&yaml(relay.addr), up.addr).await;
+    let direct = Gateway::start(
+        &yaml(format!("127.0.0.1:{}", redis.port).parse().unwrap()),
+        up.addr,
+    )
+    .await;
+    let c = client();
+    let send = |gw: &Gateway| c.get(gw.url("/")).header("x-client", "paid").send();
+    relay.set_reply_delay(700);
+    // L: answered by the fallback (200), charged in Redis.
+    assert_eq!(send(&slow).await.unwrap().status(), 200);
+    let full = || async {
+        let peek: serde_json::Value = c
+            .get(direct.admin_url("/v1/limits/r/per-client?key=paid"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        peek["tokens"] == 1
+    };
+    // L's charge seen in Redis, then paid off by time.
+    let waited = Instant::now();
+    while full().await {
+        assert!(waited.elapsed() < Duration::from_secs(2), "L never charged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while !full().await {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(send(&direct).await.unwrap().status(), 200, "B1");
+    let late = || async {
+        slow.metric("tollgate_redis_late_refunds_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    while late().await < 1.0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "L's reply never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The refund call goes out right after the count: let it land.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        send(&direct).await.unwrap().status(),
+        429,
+        "B2 within 500 ms of B1: L's paid-off token was given back"
+    );
+}

@@ -529,6 +529,7 @@ async fn a_refund_tried_twice_is_applied_once() {
     let redis = RedisProcess::standalone();
     let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
     let b = bucket("r:x:{refund}", 60_000, 10, 5);
+    let charged_us = redis_time_us(&redis).to_string();
     assert!(
         store
             .decide(std::slice::from_ref(&b), soon())
@@ -536,6 +537,8 @@ async fn a_refund_tried_twice_is_applied_once() {
             .unwrap()[0]
             .allowed
     );
+    // The debt right after the charge: 5 tokens of 60 s.
+    let debt = (5 * 60_000 * MS).to_string();
     // The same refund (id 77, 2 tokens) sent twice, as a retry after a timeout would: its first
     // try may have run after all.
     let interval = (60_000 * MS).to_string();
@@ -553,11 +556,12 @@ async fn a_refund_tried_twice_is_applied_once() {
             &interval,
             "10",
             "0",
-            // One request of one bucket: refund id 77, charged at second 0, then the bucket:
-            // the first policy at cost 2.
+            // One request of one bucket: refund id 77, the charge's time and the debt after
+            // it, then the bucket: the first policy at cost 2.
             "1",
             "77",
-            "0",
+            &charged_us,
+            &debt,
             "1*2",
         ]);
         assert!(out.is_some(), "the refund call ran");
@@ -570,6 +574,96 @@ async fn a_refund_tried_twice_is_applied_once() {
         left.remaining, 7,
         "5 left after the charge, 2 given back once"
     );
+}
+
+/// Redis `TIME` in microseconds.
+fn redis_time_us(redis: &RedisProcess) -> u64 {
+    let time = redis.cli(&["TIME"]).unwrap();
+    let mut parts = time.lines();
+    let secs: u64 = parts.next().unwrap().trim().parse().unwrap();
+    let micros: u64 = parts.next().unwrap().trim().parse().unwrap();
+    secs * 1_000_000 + micros
+}
+
+/// A late refund gives back only what its charge still holds. Charge A on a fresh bucket
+/// (300 ms per token, burst 2); the bucket refills past it; B and C empty it; then A's refund
+/// arrives (a reply that came back late, or a retried refund). Time has already paid A off:
+/// giving its token back would let a fourth request through within 300 ms of B and C, one more
+/// than the burst. A refund of a charge still held is given back in full.
+#[tokio::test]
+async fn a_refund_gives_back_only_what_the_charge_still_holds() {
+    let redis = RedisProcess::standalone();
+    let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
+    let b = bucket("r:x:{paid}", 300, 2, 1);
+    let refund = |charged_us: u64, debt_ns: u64, id: &str| {
+        let out = redis.cli(&[
+            "EVAL",
+            tollgate::limiter::redis::TOKEN_BUCKET_LUA,
+            "1",
+            "t:r:x:{paid}",
+            "refund",
+            "1",
+            "0",
+            "1",
+            &(300 * MS).to_string(),
+            "2",
+            "0",
+            "1",
+            id,
+            &charged_us.to_string(),
+            &debt_ns.to_string(),
+            "1",
+        ]);
+        assert!(out.is_some(), "the refund call ran");
+    };
+    let a_at = redis_time_us(&redis);
+    assert!(
+        store
+            .decide(std::slice::from_ref(&b), soon())
+            .await
+            .unwrap()[0]
+            .allowed
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..2 {
+        assert!(
+            store
+                .decide(std::slice::from_ref(&b), soon())
+                .await
+                .unwrap()[0]
+                .allowed
+        );
+    }
+    // A's tat was a_at + 300 ms, some 400 ms ago.
+    refund(a_at, 300 * MS, "11");
+    let left = store.peek(&bucket("r:x:{paid}", 300, 2, 1)).await.unwrap();
+    assert_eq!(left.remaining, 0, "A's token was not given back: {left:?}");
+    // D charged now (by the script directly: its reply carries the exact TIME of the charge
+    // and the debt it read) and refunded at once: the whole token comes back.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let reply = redis
+        .cli(&[
+            "EVAL",
+            tollgate::limiter::redis::TOKEN_BUCKET_LUA,
+            "1",
+            "t:r:x:{paid}",
+            "decide",
+            "1",
+            "0",
+            "1",
+            &(300 * MS).to_string(),
+            "2",
+            "0",
+            "1",
+            "0",
+            "1",
+        ])
+        .unwrap();
+    let reply: Vec<u64> = reply.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert_eq!(reply[2], 1, "D admitted: {reply:?}");
+    refund(reply[0] * 1_000_000 + reply[1], reply[3] + 300 * MS, "12");
+    let left = store.peek(&bucket("r:x:{paid}", 300, 2, 1)).await.unwrap();
+    assert_eq!(left.remaining, 2, "D's token was given back: {left:?}");
 }
 
 /// The script skips a request whose deadline (Redis `TIME` in microseconds) has passed and

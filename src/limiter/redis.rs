@@ -627,13 +627,37 @@ fn by_shard(
 /// A request (by index in the batch) and the indexes of its buckets on one shard.
 type SlotPiece = (usize, Vec<usize>);
 
-/// A refund owed: the bucket, the refund's id, the Redis second of the charge.
-type Owed = (BucketRequest, i64, i64);
+/// A charge to give back: when it was made (the Redis `TIME` of its call, in microseconds) and,
+/// for a token bucket, the bucket's debt right after it (ns; the charge's tat is the one plus
+/// the other). A window's refund goes back to the window the charge was made in; a token
+/// bucket's gives back only what the charge still holds (a bucket that has refilled since has
+/// paid it off with time: giving the tokens back then would erase a later request's charge).
+#[derive(Debug, Clone, Copy, Default)]
+struct Charge {
+    at_us: i64,
+    debt_ns: i64,
+}
+
+impl Charge {
+    /// The charge that `outcome` (an admitting one, read at `at_us`) reports for bucket `r`.
+    fn of(r: &BucketRequest, outcome: &BucketOutcome, at_us: i64) -> Charge {
+        Charge {
+            at_us,
+            debt_ns: if r.algorithm.is_window() {
+                0
+            } else {
+                int(outcome.reset_ns)
+            },
+        }
+    }
+}
+
+/// A refund owed: the bucket, the refund's id, the charge.
+type Owed = (BucketRequest, i64, Charge);
 
 /// One request's buckets as the script sees them, with its deadline in Redis's clock (a
-/// refund: its id) and, for a refund, the Redis second at which the charge was made (0
-/// otherwise).
-type Piece<'a> = (Vec<&'a BucketRequest>, i64, i64);
+/// refund: its id) and, for a refund, the charge it gives back (default otherwise).
+type Piece<'a> = (Vec<&'a BucketRequest>, i64, Charge);
 
 impl Caller {
     fn full_key(&self, key: &str) -> String {
@@ -749,13 +773,13 @@ impl Caller {
         parse_reply(&reply, &[]).map(|(now_us, _)| self.clock.observe(now_us))
     }
 
-    /// Decides pieces in one call; one answer per piece, and the Redis second of the call
-    /// (when its charges were made).
+    /// Decides pieces in one call; one answer per piece, and the Redis `TIME` of the call in
+    /// microseconds (when its charges were made).
     async fn decide_pieces(&self, pieces: &[Piece<'_>]) -> Result<(i64, Vec<Answer>), StoreError> {
         let reply = self.call("decide", pieces).await?;
         let (now_us, answers) = parse_reply(&reply, pieces)?;
         self.clock.observe(now_us);
-        Ok((now_us.div_euclid(1_000_000), answers))
+        Ok((now_us, answers))
     }
 
     /// Decides a batch and answers each waiting request; refunds what a late reply charged
@@ -783,7 +807,7 @@ impl Caller {
                     (
                         p.requests.iter().collect(),
                         self.clock.to_redis_us(p.deadline),
-                        0,
+                        Charge::default(),
                     )
                 })
                 .collect();
@@ -792,7 +816,7 @@ impl Caller {
                 Err(e) => vec![Err(e); live.len()],
             }
         };
-        let mut late: Vec<(BucketRequest, i64)> = Vec::new();
+        let mut late: Vec<(BucketRequest, Charge)> = Vec::new();
         for (p, answer) in live.into_iter().zip(answers) {
             let charged = matches!(answer, Ok(((Status::Admitted, _), _)))
                 && p.requests.iter().any(|r| r.cost > 0);
@@ -802,9 +826,12 @@ impl Caller {
                 Ok(((_, outcomes), _)) => Ok(outcomes),
                 Err(e) => Err(e),
             };
-            if let Err(Ok(_)) = p.reply.send(result) {
+            if let Err(Ok(outcomes)) = p.reply.send(result) {
                 if charged {
-                    late.extend(p.requests.into_iter().map(|r| (r, charged_at)));
+                    late.extend(p.requests.into_iter().zip(&outcomes).map(|(r, o)| {
+                        let charge = Charge::of(&r, o, charged_at);
+                        (r, charge)
+                    }));
                     self.refunded.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -841,7 +868,7 @@ impl Caller {
                     (
                         members.iter().map(|&i| &p.requests[i]).collect(),
                         self.clock.to_redis_us(p.deadline),
-                        0,
+                        Charge::default(),
                     )
                 })
                 .collect();
@@ -854,7 +881,7 @@ impl Caller {
             denied: bool,
             expired: bool,
             error: Option<StoreError>,
-            /// Buckets admitted (charged), with the Redis second of their slot's call.
+            /// Buckets admitted (charged), with the Redis `TIME` (us) of their slot's call.
             admitted: Vec<(usize, i64)>,
         }
         let mut tallies: Vec<Tally> = live
@@ -889,14 +916,14 @@ impl Caller {
                 }
             }
         }
-        let mut refunds: Vec<(BucketRequest, i64)> = Vec::new();
+        let mut refunds: Vec<(BucketRequest, Charge)> = Vec::new();
         let mut answers = Vec::with_capacity(live.len());
         for (p, mut t) in live.iter().zip(tallies) {
             let whole = !t.denied && !t.expired && t.error.is_none();
-            // A late reply's refund goes back to the first slot's second (a request whose
-            // slots' calls straddle a window boundary and come back late is not tracked
-            // further).
-            let first_at = t.admitted.first().map_or(0, |(_, at)| *at);
+            // A late reply's refund goes back to the earliest slot call's time (a request
+            // whose slots' calls straddle a window boundary and come back late is not tracked
+            // further; for a token bucket an earlier time only gives back less).
+            let first_at = t.admitted.iter().map(|(_, at)| *at).min().unwrap_or(0);
             if whole {
                 answers.push(Ok(((Status::Admitted, t.outcomes), first_at)));
                 continue;
@@ -905,7 +932,7 @@ impl Caller {
             for &(i, at) in &t.admitted {
                 let r = &p.requests[i];
                 if r.cost > 0 {
-                    refunds.push((r.clone(), at));
+                    refunds.push((r.clone(), Charge::of(r, &t.outcomes[i], at)));
                 }
                 // Charged and given back: reported uncharged, as the script reports a slot
                 // that denied.
@@ -932,17 +959,16 @@ impl Caller {
     /// Gives back `cost` tokens to each bucket (one call, or one per node in a Cluster). A
     /// call that fails is tried again a few times in the background (a node briefly away);
     /// each bucket's refund carries an id, so a try that ran after all is not applied twice.
-    /// `buckets` pairs each bucket with the Redis second its charge was made in (a window's
-    /// refund goes back to that window).
-    async fn refund(&self, buckets: &[(BucketRequest, i64)]) {
+    /// `buckets` pairs each bucket with the charge to give back.
+    async fn refund(&self, buckets: &[(BucketRequest, Charge)]) {
         use std::hash::BuildHasher;
         let ids = std::collections::hash_map::RandomState::new();
         let owed: Vec<Owed> = buckets
             .iter()
-            .map(|(b, at)| {
+            .map(|(b, charge)| {
                 let id =
                     ids.hash_one(NEXT_REFUND.fetch_add(1, Ordering::Relaxed)) & ((1 << 53) - 1);
-                (b.clone(), int(id).max(1), *at)
+                (b.clone(), int(id).max(1), *charge)
             })
             .collect();
         let owed = self.refund_once(&owed).await;
@@ -965,7 +991,8 @@ impl Caller {
             }
             tracing::error!(
                 buckets = owed.len(),
-                "giving tokens back failed for good: those buckets stay charged"
+                "giving tokens back failed for good: those buckets may stay charged (a try that \
+                 reached Redis after it was given up on still applies, once)"
             );
         });
     }
@@ -1059,11 +1086,12 @@ fn write_argv(mode: &str, pieces: &[Piece<'_>], keys_in_argv: i64, out: &mut imp
     }
     let refund = mode == "refund";
     let mut next = at.into_iter();
-    for (requests, deadline_us, charged_s) in pieces {
+    for (requests, deadline_us, charge) in pieces {
         out.int(requests.len() as i64);
         out.int(*deadline_us);
         if refund {
-            out.int(*charged_s);
+            out.int(charge.at_us);
+            out.int(charge.debt_ns);
         }
         for r in requests.iter() {
             let policy = next.next().unwrap_or(1);
@@ -1253,7 +1281,7 @@ impl Store for RedisStore {
             cost: 0,
             ..request.clone()
         };
-        let pieces = [(vec![&uncharged], 0, 0)];
+        let pieces = [(vec![&uncharged], 0, Charge::default())];
         let reply = self.caller.call("peek", &pieces).await?;
         let (now_us, answers) = parse_reply(&reply, &pieces)?;
         self.caller.clock.observe(now_us);
