@@ -550,11 +550,12 @@ async fn a_window_refund_goes_back_to_the_window_it_was_charged_in() {
                 &DAY.to_string(),
                 "10",
                 alg,
-                // One request of one bucket: its refund id and charge second, then the
-                // bucket: the first policy at this cost.
+                // One request of one bucket: its refund id, the charge's time (us) and debt
+                // (0: a window), then the bucket: the first policy at this cost.
                 "1",
                 id,
-                &charged_s.to_string(),
+                &(charged_s * 1_000_000).to_string(),
+                "0",
                 &format!("1*{cost}"),
             ]);
             assert!(out.is_some(), "the refund call ran");
