@@ -659,6 +659,87 @@ async fn an_ipv6_redis_url_is_reached() {
 /// and the decisions that arrive meanwhile wait for it. Default `timeout_ms` (20).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_lane_connection_does_not_open_the_breaker() {
+    kill_connections_under_load().await;
+}
+
+/// Through a TCP proxy that closes every connection at once (restarting) while 16 clients keep
+/// sending with a 2 ms batch window: the calls in flight carry many decisions between them. A
+/// failed call counts once toward `failure_threshold` (5), not once per decision it carried,
+/// so losing the connections with 5 or more decisions in flight does not open the breaker.
+/// Default `timeout_ms` (20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_counts_each_failed_call_once() {
+    let redis = RedisProcess::standalone();
+    let relay = common::Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let up = Upstream::start();
+    let store = format!(
+        r#"{{ kind: redis, redis: {{ mode: standalone, urls: ["redis://{}"], batch_window_us: 2000 }} }}"#,
+        relay.addr
+    );
+    let gw = Gateway::start(&redis_yaml(&store, &per_user(2000)), up.addr).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..16)
+        .map(|i| {
+            let stop = stop.clone();
+            let url = gw.url("/");
+            tokio::spawn(async move {
+                let c = client();
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = c.get(&url).header("x-user", format!("k{i}")).send().await;
+                }
+            })
+        })
+        .collect();
+    let errors = |kind: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(&format!(r#"tollgate_store_errors_total{{kind="{kind}"}}"#))
+                .await
+                .unwrap_or(0.0)
+        }
+    };
+    // Cut until one cut failed 5 decisions or more at once with no timeout meanwhile (a cut
+    // can find few in flight; on a starved machine decisions also time out, and those count
+    // one by one, as they should). Each cut after the connections have served a second (a
+    // fresh one that breaks is retried with backoff) and the breaker is closed.
+    let mut judged = None;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        wait_until("the breaker closed", Duration::from_secs(5), || async {
+            gw.metric("tollgate_breaker_state").await == Some(0.0)
+        })
+        .await;
+        let (failed, timeouts) = (errors("connection").await, errors("timeout").await);
+        let opened = gw.log().matches("breaker opened").count();
+        // Calls held 3 ms on their way to Redis: some are surely in flight at the cut.
+        relay.set_request_delay(3);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        relay.cut();
+        relay.set_request_delay(0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let failed = errors("connection").await - failed;
+        if errors("timeout").await > timeouts || failed < 5.0 {
+            continue;
+        }
+        judged = Some((failed, gw.log().matches("breaker opened").count() - opened));
+        break;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        let _ = l.await;
+    }
+    let Some((failed, opened)) = judged else {
+        panic!("no cut found 5 decisions in flight without a timeout");
+    };
+    assert_eq!(
+        opened,
+        0,
+        "the breaker opened on one cut that failed {failed} decisions:\n{}",
+        gw.log()
+    );
+}
+
+async fn kill_connections_under_load() {
     let redis = RedisProcess::standalone();
     let up = Upstream::start();
     let store = format!(

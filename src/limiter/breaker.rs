@@ -49,6 +49,10 @@ pub enum Admission {
 struct Inner {
     state: BreakerState,
     failures: u32,
+    /// The last few failed calls counted (a call's failure reaches the breaker once per
+    /// request it carried; it counts once).
+    counted_calls: [u64; 8],
+    next_counted: usize,
     opened_at_ns: u64,
     probe_in_flight: bool,
 }
@@ -71,6 +75,8 @@ impl Breaker {
             inner: Mutex::new(Inner {
                 state: BreakerState::Closed,
                 failures: 0,
+                counted_calls: [0; 8],
+                next_counted: 0,
                 opened_at_ns: 0,
                 probe_in_flight: false,
             }),
@@ -169,8 +175,23 @@ impl Breaker {
 
     /// A store call (or the probe) failed: timeout, connection or script error.
     pub fn on_failure(&self, probe: bool) {
+        self.on_call_failure(None, probe);
+    }
+
+    /// A request's store decision failed; `call` names the failed call when it carried
+    /// several requests ([`crate::limiter::StoreError::call`]): each call counts once toward
+    /// `failure_threshold`, however many requests it carried.
+    pub fn on_call_failure(&self, call: Option<u64>, probe: bool) {
         let mut inner = self.lock();
-        inner.failures = inner.failures.saturating_add(1);
+        let counted = call.is_some_and(|c| inner.counted_calls.contains(&c));
+        if let (Some(c), false) = (call, counted) {
+            let at = inner.next_counted;
+            inner.counted_calls[at] = c;
+            inner.next_counted = (at + 1) % inner.counted_calls.len();
+        }
+        if !counted || probe {
+            inner.failures = inner.failures.saturating_add(1);
+        }
         if probe {
             inner.probe_in_flight = false;
         }
@@ -267,6 +288,21 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(gauge.get(), 0);
         assert_eq!(b.admit(), Admission::Call);
+    }
+
+    #[test]
+    fn a_failed_call_counts_once_however_many_requests_it_carried() {
+        let clock = Arc::new(ManualClock::new(1_000_000_000));
+        let (b, _) = breaker(clock);
+        // Two calls fail with 20 requests each, interleaved: two failures, not 40.
+        for _ in 0..20 {
+            b.on_call_failure(Some(7), false);
+            b.on_call_failure(Some(8), false);
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+        // A third failed call reaches the threshold (3).
+        b.on_call_failure(Some(9), false);
+        assert_eq!(b.state(), BreakerState::Open);
     }
 
     #[test]

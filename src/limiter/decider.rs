@@ -216,7 +216,7 @@ impl Decider {
                     tracing::debug!(error = %e, "store decision failed; using the fallback");
                     match probe {
                         Some(p) => p.finish(false),
-                        None => self.breaker.on_failure(false),
+                        None => self.breaker.on_call_failure(e.call(), false),
                     }
                 }
             }

@@ -348,7 +348,14 @@ pub enum StoreError {
     Connection(String),
     #[error("store script failed: {0}")]
     Script(String),
+    /// The failure of one store call that decided several requests together (a batch):
+    /// `call` names the call, so that the breaker counts it once, not once per request.
+    #[error("{source}")]
+    OfCall { call: u64, source: Box<StoreError> },
 }
+
+/// Names each failed store call (see [`StoreError::OfCall`]).
+static NEXT_FAILED_CALL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl StoreError {
     /// The `kind` label of `tollgate_store_errors_total`.
@@ -357,6 +364,26 @@ impl StoreError {
             StoreError::Timeout => "timeout",
             StoreError::Connection(_) => "connection",
             StoreError::Script(_) => "script",
+            StoreError::OfCall { source, .. } => source.kind_label(),
+        }
+    }
+
+    /// This error as the failure of one call shared by every request it carried.
+    pub fn of_one_call(self) -> StoreError {
+        match self {
+            StoreError::OfCall { .. } => self,
+            source => StoreError::OfCall {
+                call: NEXT_FAILED_CALL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                source: Box::new(source),
+            },
+        }
+    }
+
+    /// The failed call this error belongs to, when it decided several requests.
+    pub fn call(&self) -> Option<u64> {
+        match self {
+            StoreError::OfCall { call, .. } => Some(*call),
+            _ => None,
         }
     }
 }

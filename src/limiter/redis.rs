@@ -813,7 +813,8 @@ impl Caller {
                 .collect();
             match self.decide_pieces(&pieces).await {
                 Ok((at, answers)) => answers.into_iter().map(|a| Ok((a, at))).collect(),
-                Err(e) => vec![Err(e); live.len()],
+                // One failed call, whatever the number of requests it carried.
+                Err(e) => vec![Err(e.of_one_call()); live.len()],
             }
         };
         let mut late: Vec<(BucketRequest, Charge)> = Vec::new();
@@ -910,6 +911,7 @@ impl Caller {
                     }
                 }
                 Err(e) => {
+                    let e = e.of_one_call();
                     for (pi, _) in pieces {
                         tallies[*pi].error.get_or_insert_with(|| e.clone());
                     }

@@ -430,6 +430,8 @@ pub struct Relay {
     pub addr: SocketAddr,
     delay_ms: Arc<std::sync::atomic::AtomicU64>,
     reply_delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    request_delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    cut: Arc<tokio::sync::Notify>,
 }
 
 impl Relay {
@@ -439,7 +441,11 @@ impl Relay {
         let addr = std_listener.local_addr().expect("addr");
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reply_delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let request_delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (delay, reply_delay) = (delay_ms.clone(), reply_delay_ms.clone());
+        let request_delay = request_delay_ms.clone();
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let cut_all = cut.clone();
         std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -452,6 +458,8 @@ impl Relay {
                         continue;
                     };
                     let (delay, reply_delay) = (delay.clone(), reply_delay.clone());
+                    let request_delay = request_delay.clone();
+                    let cut = cut_all.clone();
                     tokio::spawn(async move {
                         let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                             return;
@@ -459,8 +467,9 @@ impl Relay {
                         let (ri, wi) = inbound.into_split();
                         let (ro, wo) = outbound.into_split();
                         tokio::select! {
-                            _ = pump(ri, wo, vec![delay.clone()]) => {}
+                            _ = pump(ri, wo, vec![delay.clone(), request_delay]) => {}
                             _ = pump(ro, wi, vec![delay, reply_delay]) => {}
+                            _ = cut.notified() => {}
                         }
                     });
                 }
@@ -470,11 +479,24 @@ impl Relay {
             addr,
             delay_ms,
             reply_delay_ms,
+            request_delay_ms,
+            cut,
         }
+    }
+
+    /// Closes every connection relayed so far (both ends), with whatever they had in flight
+    /// (a proxy between the gateway and Redis restarting).
+    pub fn cut(&self) {
+        self.cut.notify_waiters();
     }
 
     pub fn set_delay(&self, ms: u64) {
         self.delay_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Delays only what goes to the target.
+    pub fn set_request_delay(&self, ms: u64) {
+        self.request_delay_ms.store(ms, Ordering::SeqCst);
     }
 
     /// Delays only what the target sends back.
