@@ -186,6 +186,79 @@ local function flush()
   end
 end
 
+-- Token bucket refunds. A refund gives back at most what its charge still holds: the charge's
+-- tat minus now, minus what refunds of earlier charges gave back to the bucket after this
+-- charge was made (they lowered the debt every later request saw, and so what time had left of
+-- this charge; a later charge's own charge and refund together never lower it). The ledger
+-- `{bucket}#rf` lists recent refunds: "dropped_at:dropped_charged:dropped_sum" then
+-- ";at:charged:amount" per refund (when it was given and when its charge was made, in
+-- microseconds of Redis TIME; the amount in ns), at most LEDGER_MAX and none older than
+-- REFUND_AGE_US. Entries the cap pushes out fold into `dropped` (their latest time given,
+-- their earliest charge, their sum), counted whole against any charge made between the two. A charge older than REFUND_AGE_US is not refunded (the ledger no
+-- longer covers it). Only refunds read or write the ledger.
+local REFUND_AGE_US = 30000000
+local LEDGER_MAX = 16
+
+local function ledger_read(k, now_us)
+  local led = { dat = 0, dcharged = 0, dsum = 0, n = 0 }
+  local v = call('GET', k .. '#rf')
+  if v then
+    local head = true
+    for a, b, m in string.gmatch(v, '(%d+):(%d+):(%d+)') do
+      local at = tonumber(a)
+      if head then
+        led.dat, led.dcharged, led.dsum, head = at, tonumber(b), tonumber(m), false
+      elseif now_us - at <= REFUND_AGE_US then
+        led.n = led.n + 1
+        led[led.n] = { at, tonumber(b), tonumber(m) }
+      end
+    end
+  end
+  if now_us - led.dat > REFUND_AGE_US then
+    led.dat, led.dcharged, led.dsum = 0, 0, 0
+  end
+  return led
+end
+
+-- What refunds of charges made before `charged_us` gave back at or after it (when in doubt,
+-- counted).
+local function refunded_after(led, charged_us)
+  local sum = 0
+  if led.dsum > 0 and led.dat >= charged_us and led.dcharged <= charged_us then
+    sum = led.dsum
+  end
+  for i = 1, led.n do
+    local e = led[i]
+    if e[1] >= charged_us and e[2] <= charged_us then
+      sum = sum + e[3]
+    end
+  end
+  return sum
+end
+
+local function ledger_add(k, led, now_us, charged_us, amount)
+  led.n = led.n + 1
+  led[led.n] = { now_us, charged_us, amount }
+  local from = 1
+  while led.n - from + 1 > LEDGER_MAX do
+    local e = led[from]
+    if led.dsum == 0 or e[2] < led.dcharged then
+      led.dcharged = e[2]
+    end
+    if e[1] > led.dat then
+      led.dat = e[1]
+    end
+    led.dsum = led.dsum + e[3]
+    from = from + 1
+  end
+  local parts = { format('%d:%d:%d', led.dat, led.dcharged, led.dsum) }
+  for i = from, led.n do
+    local e = led[i]
+    parts[#parts + 1] = format('%d:%d:%d', e[1], e[2], e[3])
+  end
+  call('PSETEX', k .. '#rf', REFUND_AGE_US / 1000, table.concat(parts, ';'))
+end
+
 -- Windows. `policy` is ":W_ns:quota:alg". Returns the window index now and the counts in
 -- force (cur, prev), 0 for a bucket unknown or whose policy changed.
 local function window_counts(key, policy, ws, sliding)
@@ -291,13 +364,14 @@ for _ = 1, decisions do
   local n = small[argv[arg]]
   local deadline = argv[arg + 1]
   local refund_id = deadline
-  local charged_s, held = 0, 0
+  local charged_s, held, charged_us, now_us = 0, 0, 0, 0
   if refunding then
-    local charged_us = tonumber(argv[arg + 2])
+    charged_us = tonumber(argv[arg + 2])
     charged_s = idiv(charged_us, 1000000)
-    -- ns the charge still holds: its tat (charged + debt) minus now. Exact: both sides in
-    -- microseconds are below 2^53, and their difference is small.
-    held = tonumber(argv[arg + 3]) - ((now_s * 1000000 + now_ns / 1000) - charged_us) * 1000
+    -- ns the charge still holds, before other refunds: its tat (charged + debt) minus now.
+    -- Exact: both sides in microseconds are below 2^53, and their difference is small.
+    now_us = now_s * 1000000 + now_ns / 1000
+    held = tonumber(argv[arg + 3]) - (now_us - charged_us) * 1000
     arg = arg + 2
   end
   arg = arg + 2
@@ -315,16 +389,21 @@ for _ = 1, decisions do
       end
       if alg == '0' then
         local debt = stored_debt(k, policy)
-        if first and debt > 0 then
+        if first and debt > 0 and now_us - charged_us <= REFUND_AGE_US then
+          -- What the charge still holds is at least its tat minus now minus the refunds of
+          -- earlier charges given to this bucket since (the ledger's).
+          local led = ledger_read(k, now_us)
           local back = cost * interval
-          if back > held then
-            back = held
+          local most = held - refunded_after(led, charged_us)
+          if back > most then
+            back = most
           end
           if back > debt then
             back = debt
           end
           if back > 0 then
             store(k, debt - back, policy)
+            ledger_add(k, led, now_us, charged_us, back)
           end
         end
       elseif first then

@@ -666,6 +666,137 @@ async fn a_refund_gives_back_only_what_the_charge_still_holds() {
     assert_eq!(left.remaining, 2, "D's token was given back: {left:?}");
 }
 
+/// Runs the script on one token bucket (`interval_ms` per token, `burst`) in `mode`, with
+/// `extra` arguments after the request's count and deadline/id; returns the reply's numbers.
+fn run_script(
+    redis: &RedisProcess,
+    key: &str,
+    mode: &str,
+    interval_ms: u64,
+    burst: u64,
+    extra: &[String],
+) -> Vec<u64> {
+    let interval = (interval_ms * MS).to_string();
+    let burst = burst.to_string();
+    let mut args: Vec<&str> = vec![
+        "EVAL",
+        tollgate::limiter::redis::TOKEN_BUCKET_LUA,
+        "1",
+        key,
+        mode,
+        "1",
+        "0",
+        "1",
+        &interval,
+        &burst,
+        "0",
+        "1",
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    let out = redis.cli(&args).unwrap_or_default();
+    out.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+/// Late refunds of two charges on one token bucket (hostile review): L and M are charged and
+/// refunded late, other requests are charged in between. Each refund is bounded by what its
+/// charge still holds, and M's by what L's refund already gave back (M's recorded debt counted
+/// L's whole charge). Checked against a model bucket that only ever saw the requests that were
+/// kept, at the script's exact `TIME`s: the real bucket may owe more (a refund may give back
+/// less than exact), never less.
+#[tokio::test]
+async fn chained_late_refunds_never_give_back_more_than_the_charges_hold() {
+    let redis = RedisProcess::standalone();
+    let key = "t:r:x:{chain}";
+    const I: u64 = 500;
+    let sleep = |ms| tokio::time::sleep(Duration::from_millis(ms));
+    // A decision at cost 1: (its Redis time in us, the debt after it in ns).
+    let decide = || {
+        let r = run_script(&redis, key, "decide", I, 3, &["0".into(), "1".into()]);
+        assert_eq!(r[2], 1, "admitted: {r:?}");
+        (r[0] * 1_000_000 + r[1], r[3] + I * MS)
+    };
+    let refund = |id: &str, (at, debt): (u64, u64)| {
+        run_script(
+            &redis,
+            key,
+            "refund",
+            I,
+            3,
+            &[id.into(), at.to_string(), debt.to_string(), "1".into()],
+        );
+    };
+    let b1 = decide();
+    sleep(10).await;
+    let l = decide();
+    sleep(240).await;
+    let m = decide();
+    sleep(360).await;
+    refund("21", l);
+    sleep(200).await;
+    let x = decide();
+    sleep(30).await;
+    refund("22", m);
+    let peek = run_script(&redis, key, "peek", I, 3, &["0".into(), "1".into()]);
+    let now_us = peek[0] * 1_000_000 + peek[1];
+    let real = peek[3];
+    // The model: only B1 and X, GCRA at their exact times (ns).
+    let mut tat = 0u64;
+    for (at_us, _) in [b1, x] {
+        tat = tat.max(at_us * 1000) + I * MS;
+    }
+    let model = tat.saturating_sub(now_us * 1000);
+    assert!(
+        real >= model,
+        "the bucket owes {real} ns, less than the {model} ns the kept requests alone leave"
+    );
+}
+
+/// The other side of the ledger: refunds of charges made after A (each charge and its refund
+/// together never lower what A still holds) do not count against A's refund, even when there
+/// are more of them than the ledger keeps one by one (16). A's late refund then gives back what
+/// time has left of A: the bucket ends as if none of the 21 requests had been charged.
+#[tokio::test]
+async fn refunds_of_later_charges_do_not_shrink_an_earlier_refund() {
+    let redis = RedisProcess::standalone();
+    let key = "t:r:x:{later}";
+    const I: u64 = 1000;
+    let decide = || {
+        let r = run_script(&redis, key, "decide", I, 30, &["0".into(), "1".into()]);
+        assert_eq!(r[2], 1, "admitted: {r:?}");
+        (r[0] * 1_000_000 + r[1], r[3] + I * MS)
+    };
+    let refund = |id: String, (at, debt): (u64, u64)| {
+        run_script(
+            &redis,
+            key,
+            "refund",
+            I,
+            30,
+            &[id, at.to_string(), debt.to_string(), "1".into()],
+        );
+    };
+    let a = decide();
+    for i in 0..20 {
+        let c = decide();
+        refund(format!("{}", 100 + i), c);
+    }
+    refund("99".into(), a);
+    let peek = run_script(&redis, key, "peek", I, 30, &["0".into(), "1".into()]);
+    assert!(
+        peek[3] < MS,
+        "{} ns still owed after every charge was refunded",
+        peek[3]
+    );
+    let ledger = redis
+        .cli(&["GET", &format!("{key}#rf")])
+        .unwrap_or_default();
+    assert_eq!(
+        ledger.trim().split(';').count(),
+        17,
+        "16 entries and the dropped: {ledger}"
+    );
+}
+
 /// The script skips a request whose deadline (Redis `TIME` in microseconds) has passed and
 /// decides one whose deadline is ahead, for deadlines of the usual 16 digits (compared as
 /// text) and of other lengths (converted): the reply is the status alone (2) for a skipped
