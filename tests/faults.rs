@@ -420,27 +420,7 @@ async fn allow_and_deny_fallbacks() {
 /// delay) then finds the bucket whole: exactly the burst, not the burst minus the late ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_replies_are_refunded_and_counted() {
-    let redis = RedisProcess::standalone();
-    let up = Upstream::start();
-    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
-    let yaml = |redis: SocketAddr| {
-        format!(
-            r#"
-listen: ["{{PROXY}}"]
-admin: {{ listen: "{{ADMIN}}" }}
-store: {{ kind: redis, redis: {{ urls: ["redis://{redis}"] }} }}
-upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
-routes:
-  - {{ name: r, upstream: app, limits: [ {{ name: per-client, key: ["header:x-client"], rate: "1/h", burst: 5 }} ] }}
-"#
-        )
-    };
-    let slow = Gateway::start(&yaml(relay.addr), up.addr).await;
-    let direct = Gateway::start(
-        &yaml(format!("127.0.0.1:{}", redis.port).parse().unwrap()),
-        up.addr,
-    )
-    .await;
+    let (_redis, relay, _up, slow, direct) = slow_and_direct("1/h", 5).await;
     relay.set_reply_delay(60);
     let c = client();
     for _ in 0..3 {
@@ -518,27 +498,7 @@ routes:
 /// where the limit allows one. Default `timeout_ms`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_refund_never_gives_back_a_token_time_already_returned() {
-    let redis = RedisProcess::standalone();
-    let up = Upstream::start();
-    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
-    let yaml = |redis: SocketAddr| {
-        format!(
-            r#"
-listen: ["{{PROXY}}"]
-admin: {{ listen: "{{ADMIN}}" }}
-store: {{ kind: redis, redis: {{ urls: ["redis://{redis}"] }} }}
-upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
-routes:
-  - {{ name: r, upstream: app, limits: [ {{ name: per-client, key: ["header:x-client"], rate: "2/s", burst: 1 }} ] }}
-"#
-        )
-    };
-    let slow = Gateway::start(&yaml(relay.addr), up.addr).await;
-    let direct = Gateway::start(
-        &yaml(format!("127.0.0.1:{}", redis.port).parse().unwrap()),
-        up.addr,
-    )
-    .await;
+    let (_redis, relay, _up, slow, direct) = slow_and_direct("2/s", 1).await;
     let c = client();
     let send = |gw: &Gateway| c.get(gw.url("/")).header("x-client", "paid").send();
     relay.set_reply_delay(700);
@@ -584,4 +544,34 @@ routes:
         429,
         "B2 within 500 ms of B1: L's paid-off token was given back"
     );
+}
+
+/// Redis, a relay in front of it, an upstream, and two gateways with one limit per
+/// `x-client` (`rate`, `burst`, default `timeout_ms`): `slow` through the relay, `direct` not.
+async fn slow_and_direct(
+    rate: &str,
+    burst: u32,
+) -> (RedisProcess, Relay, Upstream, Gateway, Gateway) {
+    let redis = RedisProcess::standalone();
+    let up = Upstream::start();
+    let relay = Relay::start(format!("127.0.0.1:{}", redis.port).parse().unwrap());
+    let yaml = |redis: SocketAddr| {
+        format!(
+            r#"
+listen: ["{{PROXY}}"]
+admin: {{ listen: "{{ADMIN}}" }}
+store: {{ kind: redis, redis: {{ urls: ["redis://{redis}"] }} }}
+upstreams: {{ app: {{ targets: ["{{UPSTREAM}}"] }} }}
+routes:
+  - {{ name: r, upstream: app, limits: [ {{ name: per-client, key: ["header:x-client"], rate: "{rate}", burst: {burst} }} ] }}
+"#
+        )
+    };
+    let slow = Gateway::start(&yaml(relay.addr), up.addr).await;
+    let direct = Gateway::start(
+        &yaml(format!("127.0.0.1:{}", redis.port).parse().unwrap()),
+        up.addr,
+    )
+    .await;
+    (redis, relay, up, slow, direct)
 }

@@ -596,25 +596,7 @@ async fn a_refund_gives_back_only_what_the_charge_still_holds() {
     let store = connected(RedisMode::Standalone, vec![redis.url()]).await;
     let b = bucket("r:x:{paid}", 300, 2, 1);
     let refund = |charged_us: u64, debt_ns: u64, id: &str| {
-        let out = redis.cli(&[
-            "EVAL",
-            tollgate::limiter::redis::TOKEN_BUCKET_LUA,
-            "1",
-            "t:r:x:{paid}",
-            "refund",
-            "1",
-            "0",
-            "1",
-            &(300 * MS).to_string(),
-            "2",
-            "0",
-            "1",
-            id,
-            &charged_us.to_string(),
-            &debt_ns.to_string(),
-            "1",
-        ]);
-        assert!(out.is_some(), "the refund call ran");
+        script_refund(&redis, "t:r:x:{paid}", 300, 2, id, (charged_us, debt_ns))
     };
     let a_at = redis_time_us(&redis);
     assert!(
@@ -641,27 +623,8 @@ async fn a_refund_gives_back_only_what_the_charge_still_holds() {
     // D charged now (by the script directly: its reply carries the exact TIME of the charge
     // and the debt it read) and refunded at once: the whole token comes back.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let reply = redis
-        .cli(&[
-            "EVAL",
-            tollgate::limiter::redis::TOKEN_BUCKET_LUA,
-            "1",
-            "t:r:x:{paid}",
-            "decide",
-            "1",
-            "0",
-            "1",
-            &(300 * MS).to_string(),
-            "2",
-            "0",
-            "1",
-            "0",
-            "1",
-        ])
-        .unwrap();
-    let reply: Vec<u64> = reply.lines().map(|l| l.trim().parse().unwrap()).collect();
-    assert_eq!(reply[2], 1, "D admitted: {reply:?}");
-    refund(reply[0] * 1_000_000 + reply[1], reply[3] + 300 * MS, "12");
+    let d = script_decide(&redis, "t:r:x:{paid}", 300, 2);
+    refund(d.0, d.1, "12");
     let left = store.peek(&bucket("r:x:{paid}", 300, 2, 1)).await.unwrap();
     assert_eq!(left.remaining, 2, "D's token was given back: {left:?}");
 }
@@ -697,6 +660,40 @@ fn run_script(
     out.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
+/// A decision at cost 1 by the script: (its Redis time in us, the debt after it in ns).
+fn script_decide(redis: &RedisProcess, key: &str, interval_ms: u64, burst: u64) -> (u64, u64) {
+    let r = run_script(
+        redis,
+        key,
+        "decide",
+        interval_ms,
+        burst,
+        &["0".into(), "1".into()],
+    );
+    assert_eq!(r[2], 1, "admitted: {r:?}");
+    (r[0] * 1_000_000 + r[1], r[3] + interval_ms * MS)
+}
+
+/// The script's refund (id `id`) of a cost-1 charge made at `at` us, leaving `debt` ns.
+fn script_refund(
+    redis: &RedisProcess,
+    key: &str,
+    interval_ms: u64,
+    burst: u64,
+    id: &str,
+    (at, debt): (u64, u64),
+) {
+    let r = run_script(
+        redis,
+        key,
+        "refund",
+        interval_ms,
+        burst,
+        &[id.into(), at.to_string(), debt.to_string(), "1".into()],
+    );
+    assert!(r.len() >= 2, "the refund call ran: {r:?}");
+}
+
 /// Late refunds of two charges on one token bucket (hostile review): L and M are charged and
 /// refunded late, other requests are charged in between. Each refund is bounded by what its
 /// charge still holds, and M's by what L's refund already gave back (M's recorded debt counted
@@ -709,22 +706,8 @@ async fn chained_late_refunds_never_give_back_more_than_the_charges_hold() {
     let key = "t:r:x:{chain}";
     const I: u64 = 500;
     let sleep = |ms| tokio::time::sleep(Duration::from_millis(ms));
-    // A decision at cost 1: (its Redis time in us, the debt after it in ns).
-    let decide = || {
-        let r = run_script(&redis, key, "decide", I, 3, &["0".into(), "1".into()]);
-        assert_eq!(r[2], 1, "admitted: {r:?}");
-        (r[0] * 1_000_000 + r[1], r[3] + I * MS)
-    };
-    let refund = |id: &str, (at, debt): (u64, u64)| {
-        run_script(
-            &redis,
-            key,
-            "refund",
-            I,
-            3,
-            &[id.into(), at.to_string(), debt.to_string(), "1".into()],
-        );
-    };
+    let decide = || script_decide(&redis, key, I, 3);
+    let refund = |id: &str, charge| script_refund(&redis, key, I, 3, id, charge);
     let b1 = decide();
     sleep(10).await;
     let l = decide();
@@ -760,21 +743,8 @@ async fn refunds_of_later_charges_do_not_shrink_an_earlier_refund() {
     let redis = RedisProcess::standalone();
     let key = "t:r:x:{later}";
     const I: u64 = 1000;
-    let decide = || {
-        let r = run_script(&redis, key, "decide", I, 30, &["0".into(), "1".into()]);
-        assert_eq!(r[2], 1, "admitted: {r:?}");
-        (r[0] * 1_000_000 + r[1], r[3] + I * MS)
-    };
-    let refund = |id: String, (at, debt): (u64, u64)| {
-        run_script(
-            &redis,
-            key,
-            "refund",
-            I,
-            30,
-            &[id, at.to_string(), debt.to_string(), "1".into()],
-        );
-    };
+    let decide = || script_decide(&redis, key, I, 30);
+    let refund = |id: String, charge| script_refund(&redis, key, I, 30, &id, charge);
     let a = decide();
     for i in 0..20 {
         let c = decide();
