@@ -201,8 +201,10 @@ local LEDGER_MAX = 16
 
 local function ledger_read(k, now_us)
   local led = { dat = 0, dcharged = 0, dsum = 0, n = 0 }
-  local v = call('GET', k .. '#rf')
-  if v then
+  -- A ledger that is not a string (written by something else) reads as empty; the next
+  -- write replaces it.
+  local v = redis.pcall('GET', k .. '#rf')
+  if type(v) == 'string' then
     local head = true
     for a, b, m in string.gmatch(v, '(%d+):(%d+):(%d+)') do
       local at = tonumber(a)

@@ -765,6 +765,14 @@ async fn refunds_of_later_charges_do_not_shrink_an_earlier_refund() {
         17,
         "16 entries and the dropped: {ledger}"
     );
+    // A ledger key of another type (written by something else) reads as empty and is
+    // replaced: the refund still applies.
+    let other = "t:r:x:{other}";
+    redis.cli(&["HSET", &format!("{other}#rf"), "a", "b"]);
+    let c = script_decide(&redis, other, I, 30);
+    script_refund(&redis, other, I, 30, "7", c);
+    let peek = run_script(&redis, other, "peek", I, 30, &["0".into(), "1".into()]);
+    assert!(peek[3] < MS, "{} ns still owed after the refund", peek[3]);
 }
 
 /// The script skips a request whose deadline (Redis `TIME` in microseconds) has passed and
